@@ -1,0 +1,654 @@
+//! Wire codec: bytes ⇄ [`FrameMessage`]. No IO, no clocks.
+//!
+//! Every frame on the wire is
+//!
+//! ```text
+//! +----------------+---------------+-------------------------------+---------------+
+//! | varint version | varint length | frame_message (length bytes)  | hash (4 B LE) |
+//! +----------------+---------------+-------------------------------+---------------+
+//! ```
+//!
+//! The hash is xxh3-64 seeded with [`HASH_SEED`] over every preceding byte of the
+//! frame, truncated to its low 32 bits, little-endian.
+//!
+//! * [`Encoder`] writes a frame into a caller's `BytesMut`, sizing it exactly up
+//!   front.
+//! * [`Decoder`] is the streaming decoder for byte-stream transports (TCP, Unix):
+//!   feed it whatever a read returned, take frames out as they complete.
+//! * [`decode_datagram`] is the decoder for datagram transports (UDP): exactly one
+//!   frame per datagram.
+//!
+//! The maximum body length ([`Config::max_frame_len`]) is checked as soon as the
+//! length varint is read, before any body byte is buffered.
+//!
+//! Errors after which the frame boundaries are still known (a hash mismatch, a
+//! body that is not a valid `frame_message`) consume the frame and leave the
+//! decoder usable; the connection decides how many it tolerates. Errors that lose
+//! the framing (bad version, oversized or malformed length) are fatal: see
+//! [`DecodeError::is_fatal`].
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::proto::FrameMessage;
+
+/// Protocol version this build speaks.
+pub const PROTOCOL_VERSION: u64 = 3;
+/// Oldest protocol version this build accepts.
+pub const MIN_PROTOCOL_VERSION: u64 = 3;
+/// Newest protocol version this build accepts.
+pub const MAX_PROTOCOL_VERSION: u64 = PROTOCOL_VERSION;
+/// Seed of the frame hash (`ATBUS_PROTOCOL_CONST_MAGIC_NUMBER`).
+pub const HASH_SEED: u64 = 0x0100_0193;
+/// Size of the trailing hash.
+pub const HASH_LEN: usize = 4;
+/// Default maximum `frame_message` length: 2 MiB.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 2 * 1024 * 1024;
+/// Largest accepted `max_frame_len`: lengths are signed 32-bit in other bindings.
+pub const MAX_FRAME_LEN_LIMIT: usize = i32::MAX as usize;
+/// Longest varint (a u64).
+const MAX_VARINT_LEN: usize = 10;
+
+/// Codec limits, shared by encoder and decoders.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Largest `frame_message` body accepted or produced, in bytes.
+    pub max_frame_len: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the limits, naming the field that is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_frame_len == 0 || self.max_frame_len > MAX_FRAME_LEN_LIMIT {
+            return Err(ConfigError::MaxFrameLen {
+                value: self.max_frame_len,
+                limit: MAX_FRAME_LEN_LIMIT,
+            });
+        }
+        Ok(())
+    }
+
+    /// Largest number of bytes one whole frame can occupy on the wire.
+    pub fn max_wire_len(&self) -> usize {
+        varint_len(PROTOCOL_VERSION) + varint_len(self.max_frame_len as u64) + self.max_frame_len + HASH_LEN
+    }
+}
+
+/// An invalid codec [`Config`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `max_frame_len` is zero or above the limit.
+    #[error("frame.max_frame_len = {value} is out of range (1..={limit})")]
+    MaxFrameLen {
+        /// The configured value.
+        value: usize,
+        /// The largest accepted value.
+        limit: usize,
+    },
+}
+
+/// Why a frame could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The message is longer than the configured maximum; the peer would refuse it.
+    #[error("frame_message of {length} bytes exceeds max_frame_len {max}")]
+    FrameTooLarge {
+        /// Encoded body length.
+        length: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+}
+
+/// Which varint of the header was malformed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VarintField {
+    /// The leading protocol version.
+    Version,
+    /// The body length.
+    Length,
+}
+
+impl std::fmt::Display for VarintField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Version => "version",
+            Self::Length => "length",
+        })
+    }
+}
+
+/// Why bytes could not be decoded into a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The frame's protocol version is outside the supported range.
+    #[error("unsupported protocol version {version} (supported {min}..={max})")]
+    UnsupportedVersion {
+        /// Version the peer sent.
+        version: u64,
+        /// Oldest supported version.
+        min: u64,
+        /// Newest supported version.
+        max: u64,
+    },
+    /// The length field exceeds the configured maximum.
+    #[error("frame length {length} exceeds max_frame_len {max}")]
+    FrameTooLarge {
+        /// Length the peer announced.
+        length: u64,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// A header varint is longer than 10 bytes or overflows 64 bits.
+    #[error("malformed {field} varint")]
+    MalformedVarint {
+        /// Which header field.
+        field: VarintField,
+    },
+    /// The trailing hash does not match the frame's bytes.
+    #[error("frame hash mismatch (carried {carried:#010x}, computed {computed:#010x})")]
+    HashMismatch {
+        /// Hash found in the frame.
+        carried: u32,
+        /// Hash computed over the received bytes.
+        computed: u32,
+    },
+    /// The body passed the hash but is not a valid `frame_message`.
+    #[error("undecodable frame_message: {0}")]
+    Undecodable(#[from] prost::DecodeError),
+    /// A datagram holds bytes after its one frame.
+    #[error("{count} trailing bytes after the frame")]
+    TrailingBytes {
+        /// How many bytes follow the frame.
+        count: usize,
+    },
+    /// The input ended inside a frame.
+    #[error("input ended inside a frame ({available} of {needed} bytes)")]
+    Truncated {
+        /// Bytes the frame needs (or, inside the header, at least needs).
+        needed: usize,
+        /// Bytes that were there.
+        available: usize,
+    },
+    /// A previous fatal error lost the framing of this byte stream.
+    #[error("decoder lost framing after an earlier fatal error")]
+    Desynchronized,
+}
+
+impl DecodeError {
+    /// Whether the byte stream's framing is lost: nothing after this error can be
+    /// decoded and the connection must be closed. Non-fatal errors consumed
+    /// exactly one bad frame.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, Self::HashMismatch { .. } | Self::Undecodable(_))
+    }
+}
+
+/// Number of bytes `value` takes as a varint.
+pub fn varint_len(value: u64) -> usize {
+    prost::encoding::encoded_len_varint(value)
+}
+
+/// Frame hash of `bytes`: xxh3-64 seeded with [`HASH_SEED`], low 32 bits.
+pub fn frame_hash(bytes: &[u8]) -> u32 {
+    xxh3_64_with_seed(bytes, HASH_SEED) as u32
+}
+
+/// Writes frames.
+#[derive(Clone, Debug, Default)]
+pub struct Encoder {
+    config: Config,
+}
+
+impl Encoder {
+    /// An encoder with the given limits.
+    pub fn new(config: Config) -> Self {
+        Self { config }
+    }
+
+    /// Bytes `msg` will occupy on the wire.
+    pub fn encoded_len(&self, msg: &FrameMessage) -> usize {
+        let body = msg.encoded_len();
+        varint_len(PROTOCOL_VERSION) + varint_len(body as u64) + body + HASH_LEN
+    }
+
+    /// Appends one frame holding `msg` to `dst`, reserving exactly the space it
+    /// needs, and returns the number of bytes written.
+    pub fn encode(&self, msg: &FrameMessage, dst: &mut BytesMut) -> Result<usize, EncodeError> {
+        let body = msg.encoded_len();
+        if body > self.config.max_frame_len {
+            return Err(EncodeError::FrameTooLarge {
+                length: body,
+                max: self.config.max_frame_len,
+            });
+        }
+        let total = varint_len(PROTOCOL_VERSION) + varint_len(body as u64) + body + HASH_LEN;
+        dst.reserve(total);
+        let start = dst.len();
+        prost::encoding::encode_varint(PROTOCOL_VERSION, dst);
+        prost::encoding::encode_varint(body as u64, dst);
+        msg.encode_raw(dst);
+        let hash = frame_hash(&dst[start..]);
+        dst.put_u32_le(hash);
+        debug_assert_eq!(dst.len() - start, total);
+        Ok(total)
+    }
+}
+
+/// Outcome of reading a varint from a possibly incomplete buffer.
+enum Varint {
+    Value(u64, usize),
+    Incomplete,
+}
+
+fn read_varint(buf: &[u8], field: VarintField) -> Result<Varint, DecodeError> {
+    let mut value = 0u64;
+    for (i, &byte) in buf.iter().take(MAX_VARINT_LEN).enumerate() {
+        let bits = u64::from(byte & 0x7f);
+        // The tenth byte may only contribute the top bit of a u64.
+        if i == MAX_VARINT_LEN - 1 && byte > 1 {
+            return Err(DecodeError::MalformedVarint { field });
+        }
+        value |= bits << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Varint::Value(value, i + 1));
+        }
+    }
+    if buf.len() >= MAX_VARINT_LEN {
+        Err(DecodeError::MalformedVarint { field })
+    } else {
+        Ok(Varint::Incomplete)
+    }
+}
+
+/// Position of a frame found at the start of a buffer.
+#[derive(Clone, Copy, Debug)]
+struct FrameBounds {
+    header_len: usize,
+    body_len: usize,
+}
+
+impl FrameBounds {
+    fn total(&self) -> usize {
+        self.header_len + self.body_len + HASH_LEN
+    }
+}
+
+/// Parses the header at the start of `buf`. `Ok(None)`: more bytes needed.
+fn parse_header(buf: &[u8], config: &Config) -> Result<Option<FrameBounds>, DecodeError> {
+    let (version, version_len) = match read_varint(buf, VarintField::Version)? {
+        Varint::Value(v, n) => (v, n),
+        Varint::Incomplete => return Ok(None),
+    };
+    if !(MIN_PROTOCOL_VERSION..=MAX_PROTOCOL_VERSION).contains(&version) {
+        return Err(DecodeError::UnsupportedVersion {
+            version,
+            min: MIN_PROTOCOL_VERSION,
+            max: MAX_PROTOCOL_VERSION,
+        });
+    }
+    let (length, length_len) = match read_varint(&buf[version_len..], VarintField::Length)? {
+        Varint::Value(v, n) => (v, n),
+        Varint::Incomplete => return Ok(None),
+    };
+    if length > config.max_frame_len as u64 {
+        return Err(DecodeError::FrameTooLarge {
+            length,
+            max: config.max_frame_len,
+        });
+    }
+    Ok(Some(FrameBounds {
+        header_len: version_len + length_len,
+        // Bounded by max_frame_len, which validate() keeps within usize.
+        body_len: length as usize,
+    }))
+}
+
+/// Checks the hash of a complete frame at the start of `frame` and decodes its
+/// body. `frame` holds exactly `bounds.total()` bytes.
+fn check_and_decode(frame: Bytes, bounds: FrameBounds) -> Result<FrameMessage, DecodeError> {
+    let hashed = bounds.header_len + bounds.body_len;
+    let carried = u32::from_le_bytes([frame[hashed], frame[hashed + 1], frame[hashed + 2], frame[hashed + 3]]);
+    let computed = frame_hash(&frame[..hashed]);
+    if carried != computed {
+        return Err(DecodeError::HashMismatch { carried, computed });
+    }
+    // Slicing a `Bytes` is zero-copy, and prost decodes `bytes` fields from a
+    // `Bytes` source as slices of it: payloads are never copied.
+    Ok(FrameMessage::decode(frame.slice(bounds.header_len..hashed))?)
+}
+
+/// Decodes the single frame a datagram holds.
+pub fn decode_datagram(config: &Config, datagram: Bytes) -> Result<FrameMessage, DecodeError> {
+    let bounds = match parse_header(&datagram, config)? {
+        Some(bounds) => bounds,
+        None => {
+            return Err(DecodeError::Truncated {
+                needed: datagram.len() + 1,
+                available: datagram.len(),
+            });
+        }
+    };
+    let total = bounds.total();
+    if datagram.len() < total {
+        return Err(DecodeError::Truncated {
+            needed: total,
+            available: datagram.len(),
+        });
+    }
+    if datagram.len() > total {
+        return Err(DecodeError::TrailingBytes {
+            count: datagram.len() - total,
+        });
+    }
+    check_and_decode(datagram, bounds)
+}
+
+/// Streaming decoder for byte-stream transports.
+///
+/// Call order: append what the transport read ([`Decoder::extend`] or
+/// [`Decoder::buffer_mut`]), then call [`Decoder::decode`] until it returns
+/// `Ok(None)`. At end of stream, [`Decoder::finish`] reports a frame cut short.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    config: Config,
+    buf: BytesMut,
+    /// Header of the frame at the front of `buf`, once parsed.
+    pending: Option<FrameBounds>,
+    desynchronized: bool,
+}
+
+impl Decoder {
+    /// A decoder with the given limits.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            buf: BytesMut::new(),
+            pending: None,
+            desynchronized: false,
+        }
+    }
+
+    /// The codec limits in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Appends received bytes.
+    pub fn extend(&mut self, data: &[u8]) {
+        if !self.desynchronized {
+            self.buf.extend_from_slice(data);
+        }
+    }
+
+    /// The receive buffer, for transports that read straight into it.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Bytes still missing before the frame at the front can complete (at least 1
+    /// while the header itself is incomplete; 0 if a frame is ready).
+    pub fn needed(&self) -> usize {
+        match self.pending {
+            Some(bounds) => bounds.total().saturating_sub(self.buf.len()),
+            None => 1,
+        }
+    }
+
+    /// Takes the next complete frame out of the buffer, `Ok(None)` if the buffer
+    /// holds no complete frame yet.
+    pub fn decode(&mut self) -> Result<Option<FrameMessage>, DecodeError> {
+        if self.desynchronized {
+            return Err(DecodeError::Desynchronized);
+        }
+        let bounds = match self.pending {
+            Some(bounds) => bounds,
+            None => match parse_header(&self.buf, &self.config) {
+                Ok(Some(bounds)) => {
+                    // The length is within max_frame_len: now it is safe to size
+                    // the buffer for the whole frame in one go.
+                    self.buf.reserve(bounds.total().saturating_sub(self.buf.len()));
+                    self.pending = Some(bounds);
+                    bounds
+                }
+                Ok(None) => return Ok(None),
+                Err(err) => {
+                    self.desynchronize();
+                    return Err(err);
+                }
+            },
+        };
+        if self.buf.len() < bounds.total() {
+            return Ok(None);
+        }
+        self.pending = None;
+        let frame = self.buf.split_to(bounds.total()).freeze();
+        check_and_decode(frame, bounds).map(Some)
+    }
+
+    /// Declares the end of the stream: an error if a frame was cut short.
+    pub fn finish(&self) -> Result<(), DecodeError> {
+        if self.desynchronized || self.buf.is_empty() {
+            return Ok(());
+        }
+        let needed = self.pending.map_or(self.buf.len() + 1, |bounds| bounds.total());
+        Err(DecodeError::Truncated {
+            needed,
+            available: self.buf.len(),
+        })
+    }
+
+    fn desynchronize(&mut self) {
+        self.desynchronized = true;
+        self.pending = None;
+        // Nothing more will be read from this stream: release the memory.
+        self.buf = BytesMut::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Body, MessageHead, PacketData, PingData};
+
+    fn packet(stream_id: i64, content: &'static [u8]) -> FrameMessage {
+        FrameMessage {
+            head: Some(MessageHead {
+                source: "a".into(),
+                destination: "b".into(),
+                ..Default::default()
+            }),
+            body: Some(Body::Packet(PacketData {
+                stream_id,
+                stream_offset: 42,
+                content: Bytes::from_static(content),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn encode(msg: &FrameMessage) -> BytesMut {
+        let mut buf = BytesMut::new();
+        Encoder::default().encode(msg, &mut buf).expect("encode");
+        buf
+    }
+
+    #[test]
+    fn encoded_len_is_exact() {
+        let msg = packet(-1, b"hello");
+        let encoder = Encoder::default();
+        let buf = encode(&msg);
+        assert_eq!(buf.len(), encoder.encoded_len(&msg));
+        assert_eq!(buf[0], 3, "version byte");
+    }
+
+    #[test]
+    fn hash_is_xxh3_seeded_low_32_le() {
+        let buf = encode(&packet(1, b"x"));
+        let n = buf.len();
+        let expected = xxh3_64_with_seed(&buf[..n - 4], 0x0100_0193) as u32;
+        assert_eq!(&buf[n - 4..], &expected.to_le_bytes());
+    }
+
+    #[test]
+    fn datagram_round_trip_and_trailing() {
+        let msg = packet(7, b"payload");
+        let buf = encode(&msg).freeze();
+        assert_eq!(decode_datagram(&Config::default(), buf.clone()), Ok(msg));
+        let mut long = BytesMut::from(&buf[..]);
+        long.extend_from_slice(b"zz");
+        assert_eq!(
+            decode_datagram(&Config::default(), long.freeze()),
+            Err(DecodeError::TrailingBytes { count: 2 })
+        );
+        assert!(matches!(
+            decode_datagram(&Config::default(), buf.slice(..buf.len() - 1)),
+            Err(DecodeError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn unsupported_version_names_range() {
+        let mut buf = encode(&packet(1, b"x"));
+        buf[0] = 2;
+        assert_eq!(
+            decode_datagram(&Config::default(), buf.freeze()),
+            Err(DecodeError::UnsupportedVersion {
+                version: 2,
+                min: 3,
+                max: 3
+            })
+        );
+    }
+
+    #[test]
+    fn too_large_is_rejected_before_body_arrives() {
+        let config = Config { max_frame_len: 16 };
+        let mut decoder = Decoder::new(config.clone());
+        // Header only: version 3, length 17.
+        decoder.extend(&[3, 17]);
+        assert_eq!(
+            decoder.decode(),
+            Err(DecodeError::FrameTooLarge { length: 17, max: 16 })
+        );
+        assert!(decoder.decode().unwrap_err().is_fatal());
+        let big = packet(1, b"0123456789abcdef0123456789");
+        assert!(matches!(
+            Encoder::new(config).encode(&big, &mut BytesMut::new()),
+            Err(EncodeError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_varint() {
+        let mut decoder = Decoder::default();
+        decoder.extend(&[3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        assert_eq!(
+            decoder.decode(),
+            Err(DecodeError::MalformedVarint {
+                field: VarintField::Length
+            })
+        );
+        let mut decoder = Decoder::default();
+        decoder.extend(&[0x80; 10]);
+        assert_eq!(
+            decoder.decode(),
+            Err(DecodeError::MalformedVarint {
+                field: VarintField::Version
+            })
+        );
+    }
+
+    #[test]
+    fn hash_mismatch_skips_one_frame_and_goes_on() {
+        let first = packet(1, b"first");
+        let second = FrameMessage {
+            head: None,
+            body: Some(Body::Ping(PingData {
+                timepoint_microseconds: 9,
+            })),
+        };
+        let mut bad = encode(&first);
+        let n = bad.len();
+        bad[n - 1] ^= 0x10;
+        let mut decoder = Decoder::default();
+        decoder.extend(&bad);
+        decoder.extend(&encode(&second));
+        let err = decoder.decode().unwrap_err();
+        assert!(matches!(err, DecodeError::HashMismatch { .. }));
+        assert!(!err.is_fatal());
+        assert_eq!(decoder.decode(), Ok(Some(second)));
+        assert_eq!(decoder.decode(), Ok(None));
+        assert_eq!(decoder.finish(), Ok(()));
+    }
+
+    #[test]
+    fn undecodable_body_with_valid_hash() {
+        // Body 0xff is an invalid protobuf key; give it a correct hash.
+        let mut buf = BytesMut::from(&[3u8, 1, 0xff][..]);
+        let hash = frame_hash(&buf);
+        buf.put_u32_le(hash);
+        let err = decode_datagram(&Config::default(), buf.freeze()).unwrap_err();
+        assert!(matches!(err, DecodeError::Undecodable(_)));
+        assert!(!err.is_fatal());
+    }
+
+    #[test]
+    fn finish_reports_cut_frame() {
+        let buf = encode(&packet(1, b"abc"));
+        let mut decoder = Decoder::default();
+        decoder.extend(&buf[..buf.len() - 2]);
+        assert_eq!(decoder.decode(), Ok(None));
+        assert_eq!(decoder.needed(), 2);
+        assert_eq!(
+            decoder.finish(),
+            Err(DecodeError::Truncated {
+                needed: buf.len(),
+                available: buf.len() - 2
+            })
+        );
+    }
+
+    #[test]
+    fn decoded_payload_points_into_receive_buffer() {
+        let payload = vec![0xabu8; 4096];
+        let msg = FrameMessage {
+            head: None,
+            body: Some(Body::Packet(PacketData {
+                content: Bytes::from(payload),
+                ..Default::default()
+            })),
+        };
+        let wire = encode(&msg).freeze();
+        let range = wire.as_ptr_range();
+        let decoded = decode_datagram(&Config::default(), wire.clone()).expect("decode");
+        let Some(Body::Packet(p)) = decoded.body else {
+            panic!("not a packet")
+        };
+        assert!(range.contains(&p.content.as_ptr()), "content was copied");
+    }
+
+    #[test]
+    fn config_validation_names_field() {
+        let err = Config { max_frame_len: 0 }.validate().unwrap_err();
+        assert!(err.to_string().contains("max_frame_len"));
+        assert!(Config::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,48 @@
+//! # libatbus-rs
+//!
+//! A communication bus for latency-critical Linux servers: nodes with unique
+//! names send messages to each other over multiplexed streams, directly or
+//! through relays, and label-based service discovery decides who connects to
+//! whom.
+//!
+//! ```text
+//!   API (Node)          send(to, stream, Bytes) / receive
+//!     │
+//!   routing             memory → unix → direct gateway → relay
+//!     │
+//!   stream (sans-IO)    offsets, fragments, acks, resend, windows
+//!     │
+//!   connection          tcp · unix · udp · quic · mem
+//!     │
+//!   frame codec         bytes ⇄ frame_message       ← this crate so far
+//! ```
+//!
+//! What is here today: the protocol types ([`proto`]) and the wire codec
+//! ([`frame`]). The layers above arrive one by one; each is a module.
+//!
+//! ```
+//! use bytes::{Bytes, BytesMut};
+//! use libatbus::frame::{Decoder, Encoder};
+//! use libatbus::proto::{Body, FrameMessage, PacketData};
+//!
+//! let msg = FrameMessage {
+//!     head: None,
+//!     body: Some(Body::Packet(PacketData {
+//!         stream_id: 1,
+//!         content: Bytes::from_static(b"hello"),
+//!         ..Default::default()
+//!     })),
+//! };
+//! let mut wire = BytesMut::new();
+//! Encoder::default().encode(&msg, &mut wire).unwrap();
+//!
+//! let mut decoder = Decoder::default();
+//! decoder.extend(&wire);
+//! assert_eq!(decoder.decode().unwrap(), Some(msg));
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod frame;
+#[allow(missing_docs)]
+pub mod proto;
