@@ -46,3 +46,4 @@
 pub mod frame;
 #[allow(missing_docs)]
 pub mod proto;
+pub mod stream;

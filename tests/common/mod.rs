@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use bytes::{Bytes, BytesMut};
 use libatbus::frame::Encoder;
 use libatbus::proto::{
-    AcknowledgeData, Body, CloseReasonData, ForwardData, Fragment, FrameMessage, MessageHead, PacketContent,
-    PacketData, PacketOptions, PingData, StreamAcknowledge,
+    AcknowledgeData, Body, CloseReasonData, ForwardData, Fragment, FrameMessage, MessageHead, OffsetRange,
+    PacketContent, PacketData, PacketOptions, PingData, StreamAcknowledge,
 };
 use proptest::collection::{hash_map, vec};
 use proptest::prelude::*;
@@ -123,11 +123,21 @@ pub fn head() -> impl Strategy<Value = MessageHead> {
 pub fn acknowledge() -> impl Strategy<Value = AcknowledgeData> {
     (
         proptest::option::of(
-            (any::<i64>(), any::<i64>(), any::<i64>()).prop_map(|(s, a, r)| StreamAcknowledge {
-                stream_id: s,
-                acknowledge_offset: a,
-                received_max_offset: r,
-            }),
+            (
+                any::<i64>(),
+                any::<i64>(),
+                any::<i64>(),
+                vec(
+                    (any::<i64>(), any::<i64>()).prop_map(|(start, end)| OffsetRange { start, end }),
+                    0..4,
+                ),
+            )
+                .prop_map(|(s, a, r, received_ranges)| StreamAcknowledge {
+                    stream_id: s,
+                    acknowledge_offset: a,
+                    received_max_offset: r,
+                    received_ranges,
+                }),
         ),
         any::<i64>(),
         proptest::option::of(forward_data()),

@@ -1,0 +1,373 @@
+//! Sans-IO reliable streams: offsets, fragments, acknowledgements, resends,
+//! flow control, and one stream mixed over several connections.
+//!
+//! This layer never touches a socket or reads a clock: the caller passes the
+//! current time in and gets frames to send, the next timer deadline and
+//! application events out (see [`Session`] for the call order).
+//!
+//! ```text
+//!  send(stream, Bytes) ──► SendStream: messages by offset, ranges to (re)send
+//!                              │ cut per path MTU (slices, no copy)
+//!                              ▼
+//!                    poll_transmit ──► Transmit { path, packet | ack }
+//!
+//!  handle_packet ──► RecvStream: fill gaps by offset ──► Event::Message
+//!  handle_ack    ──► free acknowledged data, RTT, loss ──► Event::Writable
+//! ```
+//!
+//! Rules (design.md, "Stream rules"):
+//! * Offsets, not sequence numbers: each path fragments the same data its own
+//!   way, so acknowledgements and resends are by offset. A message is one or
+//!   more fragments; all but its last carry HAS_MORE.
+//! * Acknowledgements carry `acknowledge_offset` (all before it received),
+//!   `received_max_offset`, and up to [`MAX_SACK_RANGES`] selective ranges held
+//!   above the acknowledged offset (a field libatbus-rs adds: with only the two
+//!   offsets, everything sent above a hole looks lost). They are merged (one
+//!   per stream and path per poll) and echo the packet timepoint for RTT.
+//! * A packet is lost when an acknowledgement shows data three packets beyond
+//!   it, or when it is older than 9/8 RTT below acknowledged data (fast
+//!   resend), or at the retransmission timeout (1.25 × smoothed RTT, doubled
+//!   per consecutive expiry).
+//! * The FIN of a stream occupies one offset after its last byte, like TCP's
+//!   FIN, so it is acknowledged like data.
+//! * Send window full → [`SendError::WouldBlock`]; [`Event::Writable`] follows.
+//!   Data beyond the receive window is dropped and resent later; delivered
+//!   messages the application has not polled count against that window.
+//!
+//! Not yet here: congestion control beyond a fixed per-path in-flight window
+//! ([`Config::path_window`]), and the low-latency scheduling class.
+
+mod recv;
+mod rtt;
+mod send;
+mod session;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+
+pub use session::{PathStats, Session};
+
+use crate::proto::{AcknowledgeData, AtbusPacketFlagType, Body, Fragment, FrameMessage, PacketContent, PacketData};
+
+/// Stream identifier; negative ids are internal (handshake, commands).
+pub type StreamId = i64;
+
+/// Internal stream used for connection control packets.
+pub const CONTROL_STREAM: StreamId = -1;
+
+/// Bytes a packet's framing may take besides fragments: frame header and hash,
+/// and every `packet_data` field at its widest (the message head is extra:
+/// see [`PathConfig::overhead`]).
+pub const PACKET_OVERHEAD: usize = 64;
+
+/// Selective-ack ranges one acknowledgement carries at most.
+pub const MAX_SACK_RANGES: usize = 16;
+
+/// Bytes each fragment's encoding adds to its payload, at most.
+pub const FRAGMENT_OVERHEAD: usize = 12;
+
+/// Identifies a path (one connection) within a [`Session`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PathId(pub u64);
+
+/// Per-path settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathConfig {
+    /// Largest encoded frame this path carries (548 for UDP by default).
+    pub mtu: usize,
+    /// Extra bytes each frame carries besides the packet: the message head
+    /// (source and destination names) the connection adds.
+    pub overhead: usize,
+}
+
+impl PathConfig {
+    /// Default MTU of datagram paths: the safe UDP payload (576 − 20 − 8).
+    pub const UDP_MTU: usize = 548;
+    /// Default MTU of Unix-socket paths.
+    pub const UNIX_MTU: usize = 64 * 1024;
+    /// Default MTU of TCP paths.
+    pub const TCP_MTU: usize = 64 * 1024;
+
+    /// A path with this MTU and no head overhead.
+    pub fn with_mtu(mtu: usize) -> Self {
+        Self { mtu, overhead: 0 }
+    }
+}
+
+/// Session settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Bytes a stream retains unacknowledged before `send` answers WouldBlock.
+    pub send_window: usize,
+    /// Bytes past the next undelivered message a stream accepts.
+    pub recv_window: usize,
+    /// Largest message; must fit the receive window.
+    pub max_message_len: usize,
+    /// Streams a peer may open on this session.
+    pub max_streams: usize,
+    /// Bytes in flight per path at most.
+    pub path_window: usize,
+    /// RTT assumed before the first sample.
+    pub initial_rtt: Duration,
+    /// Lower bound of the retransmission timeout.
+    pub min_rto: Duration,
+    /// Upper bound of the retransmission timeout (also of its backoff).
+    pub max_rto: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            send_window: 4 * 1024 * 1024,
+            recv_window: 8 * 1024 * 1024,
+            max_message_len: 4 * 1024 * 1024,
+            max_streams: 1024,
+            path_window: 4 * 1024 * 1024,
+            initial_rtt: Duration::from_millis(50),
+            min_rto: Duration::from_millis(1),
+            max_rto: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// Checks the settings, naming the field that is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("send_window", self.send_window),
+            ("recv_window", self.recv_window),
+            ("max_message_len", self.max_message_len),
+            ("max_streams", self.max_streams),
+            ("path_window", self.path_window),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Zero { field });
+        }
+        if self.max_message_len > self.recv_window {
+            return Err(ConfigError::MessageExceedsWindow {
+                max_message_len: self.max_message_len,
+                recv_window: self.recv_window,
+            });
+        }
+        if self.min_rto.is_zero() || self.min_rto > self.max_rto {
+            return Err(ConfigError::RtoBounds {
+                min_rto: self.min_rto,
+                max_rto: self.max_rto,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An invalid stream [`Config`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A size that must be positive is zero.
+    #[error("stream.{field} must be greater than zero")]
+    Zero {
+        /// The field.
+        field: &'static str,
+    },
+    /// A whole message must fit the receive window.
+    #[error("stream.max_message_len ({max_message_len}) exceeds stream.recv_window ({recv_window})")]
+    MessageExceedsWindow {
+        /// Configured maximum message.
+        max_message_len: usize,
+        /// Configured receive window.
+        recv_window: usize,
+    },
+    /// `min_rto` is zero or above `max_rto`.
+    #[error("stream.min_rto ({min_rto:?}) must be positive and at most stream.max_rto ({max_rto:?})")]
+    RtoBounds {
+        /// Configured lower bound.
+        min_rto: Duration,
+        /// Configured upper bound.
+        max_rto: Duration,
+    },
+}
+
+/// Why a message was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The stream's send window is full; wait for [`Event::Writable`].
+    #[error("stream {stream_id}: send window of {window} bytes is full")]
+    WouldBlock {
+        /// The stream.
+        stream_id: StreamId,
+        /// The window that is full (`stream.send_window`).
+        window: usize,
+    },
+    /// Empty messages have no offset of their own and cannot be delimited.
+    #[error("stream {stream_id}: empty messages cannot be sent")]
+    EmptyMessage {
+        /// The stream.
+        stream_id: StreamId,
+    },
+    /// The message exceeds `stream.max_message_len`.
+    #[error("stream {stream_id}: message of {len} bytes exceeds max_message_len {max}")]
+    MessageTooLarge {
+        /// The stream.
+        stream_id: StreamId,
+        /// Message length.
+        len: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// The stream was finished; nothing more can be sent on it.
+    #[error("stream {stream_id} is finished")]
+    Finished {
+        /// The stream.
+        stream_id: StreamId,
+    },
+}
+
+/// A peer broke the stream protocol. The offending packet is ignored; the
+/// connection layer counts these and closes connections that persist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// A stream offset was negative.
+    #[error("negative stream offset")]
+    NegativeOffset,
+    /// `packet_data.content` is not a `packet_content`.
+    #[error("undecodable packet content: {0}")]
+    Content(prost::DecodeError),
+    /// An acknowledgement covers data that was never sent.
+    #[error("stream {stream_id}: acknowledgement {acknowledged} beyond sent data")]
+    AckBeyondSent {
+        /// The stream.
+        stream_id: StreamId,
+        /// Offset the peer acknowledged.
+        acknowledged: u64,
+    },
+    /// The peer opened more streams than `stream.max_streams`.
+    #[error("peer exceeded max_streams {max}")]
+    TooManyStreams {
+        /// Configured maximum.
+        max: usize,
+    },
+    /// Input for a path this session does not have.
+    #[error("unknown path {path:?}")]
+    UnknownPath {
+        /// The path.
+        path: PathId,
+    },
+}
+
+/// Something for the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A whole message, in order, exactly once.
+    Message {
+        /// Its stream.
+        stream_id: StreamId,
+        /// Its bytes (a slice of the receive buffer when it arrived in one
+        /// fragment).
+        data: Bytes,
+    },
+    /// The stream's send window has room again after a `WouldBlock`.
+    Writable {
+        /// The stream.
+        stream_id: StreamId,
+    },
+    /// The peer finished the stream and every message was delivered.
+    Finished {
+        /// The stream.
+        stream_id: StreamId,
+    },
+    /// This side finished the stream and the peer acknowledged everything.
+    SendFinished {
+        /// The stream.
+        stream_id: StreamId,
+    },
+    /// The peer closed a path with FINISH_CONNECTION.
+    PathClosed {
+        /// The path.
+        path: PathId,
+        /// The reason the peer gave.
+        reason: Option<crate::proto::CloseReasonData>,
+    },
+}
+
+/// One stream packet, before encoding: its fragments are slices of the
+/// sender's messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packet {
+    /// The stream.
+    pub stream_id: StreamId,
+    /// Offset of the first fragment's first byte.
+    pub offset: u64,
+    /// `ATBUS_PACKET_FLAG_TYPE` bits.
+    pub flags: i32,
+    /// Sender's timepoint (µs), echoed in the acknowledgement.
+    pub timepoint: i64,
+    /// The fragments, in offset order.
+    pub fragments: Vec<Fragment>,
+}
+
+impl Packet {
+    /// Whether `flag` is set.
+    pub fn has_flag(&self, flag: AtbusPacketFlagType) -> bool {
+        self.flags & flag as i32 != 0
+    }
+
+    /// Encodes into `packet_data` (the fragments are serialised into
+    /// `content`: the one copy, on the way to the wire).
+    pub fn into_data(self) -> PacketData {
+        let content = PacketContent {
+            fragment: self.fragments,
+        };
+        PacketData {
+            stream_id: self.stream_id,
+            stream_offset: self.offset as i64,
+            content: Bytes::from(content.encode_to_vec()),
+            flags: self.flags,
+            padding_size: 0,
+            timepoint_microseconds: self.timepoint,
+        }
+    }
+}
+
+/// A frame to send on a path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transmit {
+    /// Stream data (or a FIN / connection close).
+    Packet {
+        /// Where to send it.
+        path: PathId,
+        /// What to send.
+        packet: Packet,
+    },
+    /// An acknowledgement.
+    Ack {
+        /// Where to send it.
+        path: PathId,
+        /// What to send.
+        ack: AcknowledgeData,
+    },
+}
+
+impl Transmit {
+    /// The path to send on.
+    pub fn path(&self) -> PathId {
+        match self {
+            Self::Packet { path, .. } | Self::Ack { path, .. } => *path,
+        }
+    }
+
+    /// The frame body to encode (the connection fills in the head).
+    pub fn into_frame(self) -> FrameMessage {
+        let body = match self {
+            Self::Packet { packet, .. } => Body::Packet(packet.into_data()),
+            Self::Ack { ack, .. } => Body::Acknowledge(ack),
+        };
+        FrameMessage {
+            head: None,
+            body: Some(body),
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! Receive side of one stream: reassembly by offset.
+//!
+//! Fragments may arrive duplicated, reordered, and cut differently by different
+//! connections. Stored data never overlaps: a new fragment only fills the gaps
+//! between what is already held (the bytes at one offset are the same whichever
+//! connection carried them), so containment and partial overlap need no special
+//! case. A fragment without HAS_MORE marks a message end; a message is delivered
+//! once every byte from the previous end to its end is present.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use rangemap::RangeSet;
+
+use crate::proto::Fragment;
+
+/// What one packet did to the stream.
+#[derive(Debug, Default)]
+pub(crate) struct Received {
+    /// Bytes newly stored (not duplicates, not beyond the window).
+    pub(crate) accepted: usize,
+    /// Bytes dropped because they lie beyond the receive window.
+    pub(crate) dropped: usize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct RecvStream {
+    /// Start of the next message to deliver.
+    deliver_offset: u64,
+    /// Everything before this offset is present (acknowledge_offset).
+    contiguous: u64,
+    /// End of the highest byte range received (received_max_offset).
+    max_received: u64,
+    /// Data at or after `deliver_offset`, keyed by start offset, non-overlapping.
+    chunks: BTreeMap<u64, Bytes>,
+    /// Message end offsets above `deliver_offset`.
+    ends: BTreeSet<u64>,
+    /// Offset ranges held above `contiguous` (reported as selective acks).
+    above: RangeSet<u64>,
+    /// Offset of the peer's FIN, once seen.
+    fin: Option<u64>,
+    /// The FIN was reached: every byte is here.
+    finished: bool,
+    /// `Finished` was reported to the application.
+    finish_reported: bool,
+}
+
+impl RecvStream {
+    /// `acknowledge_offset` to report: all before it received (the FIN counts
+    /// as one offset once reached).
+    pub(crate) fn ack_offset(&self) -> u64 {
+        self.contiguous
+    }
+
+    /// `received_max_offset` to report.
+    pub(crate) fn max_received(&self) -> u64 {
+        self.max_received.max(self.contiguous)
+    }
+
+    /// The lowest `max` ranges held above the acknowledged offset.
+    pub(crate) fn sack_ranges(&self, max: usize) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.above.iter().take(max).cloned()
+    }
+
+    /// Bytes held for reassembly.
+    #[cfg(test)]
+    pub(crate) fn buffered(&self) -> usize {
+        self.chunks.values().map(Bytes::len).sum()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Start of the next message to deliver.
+    pub(crate) fn deliver_offset(&self) -> u64 {
+        self.deliver_offset
+    }
+
+    /// True exactly once: when the FIN was reached and every message before it
+    /// was delivered.
+    pub(crate) fn take_finish(&mut self) -> bool {
+        if self.finished && self.ends.is_empty() && !self.finish_reported {
+            self.finish_reported = true;
+            return true;
+        }
+        false
+    }
+
+    /// Everything before `offset` is delivered or abandoned by the sender
+    /// (RESET_OFFSET): skip to it. Never moves backwards.
+    pub(crate) fn reset_to(&mut self, offset: u64) {
+        if offset <= self.deliver_offset {
+            return;
+        }
+        self.deliver_offset = offset;
+        self.contiguous = self.contiguous.max(offset);
+        self.max_received = self.max_received.max(offset);
+        let kept = self.chunks.split_off(&offset);
+        if let Some((&start, data)) = self.chunks.last_key_value()
+            && start + data.len() as u64 > offset
+        {
+            let tail = data.slice((offset - start) as usize..);
+            self.chunks = kept;
+            self.chunks.insert(offset, tail);
+        } else {
+            self.chunks = kept;
+        }
+        self.ends = self.ends.split_off(&(offset + 1));
+        self.above.remove(0..offset);
+        self.advance_contiguous();
+    }
+
+    /// Stores the fragments of one packet starting at `offset`. Data ending
+    /// beyond `limit` (the receive window) is dropped, to be resent later.
+    pub(crate) fn insert(&mut self, offset: u64, fragments: &[Fragment], fin: bool, limit: u64) -> Received {
+        let mut received = Received::default();
+        let mut position = offset;
+        for fragment in fragments {
+            let len = fragment.data.len() as u64;
+            let start = position;
+            let Some(end) = start.checked_add(len) else {
+                break;
+            };
+            position = end;
+            if len == 0 {
+                continue;
+            }
+            if end > limit {
+                received.dropped += len as usize;
+                continue;
+            }
+            if end <= self.deliver_offset || self.finished {
+                continue;
+            }
+            if !fragment.has_more() {
+                self.ends.insert(end);
+            }
+            self.max_received = self.max_received.max(end);
+            received.accepted += self.fill(start, &fragment.data);
+        }
+        if fin && position <= limit && self.fin.is_none() && !self.finished && position >= self.deliver_offset {
+            self.fin = Some(position);
+            self.max_received = self.max_received.max(position + 1);
+        }
+        self.advance_contiguous();
+        received
+    }
+
+    /// Copies the parts of `[start, start + data.len())` that are not yet held
+    /// (as slices of `data`). Returns the number of new bytes.
+    fn fill(&mut self, start: u64, data: &Bytes) -> usize {
+        let end = start + data.len() as u64;
+        let mut cursor = start.max(self.deliver_offset);
+        let mut added = 0;
+        let mut gaps = Vec::new();
+        // A held chunk that starts before `cursor` may cover it.
+        if let Some((&s, held)) = self.chunks.range(..=cursor).next_back() {
+            cursor = cursor.max(s + held.len() as u64);
+        }
+        if cursor >= end {
+            return 0;
+        }
+        for (&s, held) in self.chunks.range(cursor..end) {
+            if s > cursor {
+                gaps.push(cursor..s);
+            }
+            cursor = cursor.max(s + held.len() as u64);
+        }
+        if cursor < end {
+            gaps.push(cursor..end);
+        }
+        for gap in gaps {
+            let piece = data.slice((gap.start - start) as usize..(gap.end - start) as usize);
+            added += piece.len();
+            self.chunks.insert(gap.start, piece);
+            self.above.insert(gap);
+        }
+        added
+    }
+
+    fn advance_contiguous(&mut self) {
+        if self.contiguous < self.deliver_offset {
+            self.contiguous = self.deliver_offset;
+        }
+        if let Some(first) = self.above.iter().next()
+            && first.start <= self.contiguous
+        {
+            self.contiguous = self.contiguous.max(first.end);
+        }
+        if self.contiguous > 0 {
+            self.above.remove(0..self.contiguous);
+        }
+        if self.fin == Some(self.contiguous) && !self.finished {
+            // Every byte up to the FIN is here; the FIN itself takes one offset.
+            self.contiguous += 1;
+            self.finished = true;
+        }
+    }
+
+    /// Pops the next complete message, in order.
+    pub(crate) fn next_message(&mut self) -> Option<Bytes> {
+        let data_end = if self.finished {
+            self.contiguous - 1
+        } else {
+            self.contiguous
+        };
+        let end = *self.ends.first()?;
+        if end > data_end {
+            return None;
+        }
+        self.ends.pop_first();
+        let mut parts = Vec::new();
+        while let Some(entry) = self.chunks.first_entry() {
+            let start = *entry.key();
+            if start >= end {
+                break;
+            }
+            let mut data = entry.remove();
+            let chunk_end = start + data.len() as u64;
+            if chunk_end > end {
+                // Only a peer that marks boundaries inconsistently gets here.
+                let rest = data.split_off((end - start) as usize);
+                self.chunks.insert(end, rest);
+            }
+            parts.push(data);
+        }
+        self.deliver_offset = end;
+        match parts.len() {
+            1 => parts.pop(),
+            _ => {
+                let mut joined = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+                for part in parts {
+                    joined.extend_from_slice(&part);
+                }
+                Some(joined.freeze())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::AtbusPacketFragmentFlagType;
+
+    fn frag(data: &[u8], has_more: bool) -> Fragment {
+        Fragment {
+            data: Bytes::copy_from_slice(data),
+            fragment_flag: if has_more {
+                AtbusPacketFragmentFlagType::HasMore as i32
+            } else {
+                0
+            },
+            ..Default::default()
+        }
+    }
+
+    fn drain(r: &mut RecvStream) -> Vec<Bytes> {
+        std::iter::from_fn(|| r.next_message()).collect()
+    }
+
+    #[test]
+    fn containment_and_overlap_from_two_connections() {
+        let mut r = RecvStream::default();
+        // Connection A cuts "hello world" as [0,4) [4,11).
+        r.insert(4, &[frag(b"o world", false)], false, u64::MAX);
+        assert!(drain(&mut r).is_empty());
+        assert_eq!(r.ack_offset(), 0);
+        assert_eq!(r.max_received(), 11);
+        // Connection B sends [2,8) inside a HAS_MORE fragment: partial overlap.
+        r.insert(2, &[frag(b"llo wo", true)], false, u64::MAX);
+        // Connection B sends the whole message: contains everything.
+        r.insert(0, &[frag(b"hello world", false)], false, u64::MAX);
+        assert_eq!(drain(&mut r), vec![Bytes::from_static(b"hello world")]);
+        assert_eq!(r.ack_offset(), 11);
+        assert_eq!(r.buffered(), 0);
+    }
+
+    #[test]
+    fn duplicates_are_ignored_and_single_fragment_is_zero_copy() {
+        let mut r = RecvStream::default();
+        let data = Bytes::from_static(b"abc");
+        let f = Fragment {
+            data: data.clone(),
+            ..Default::default()
+        };
+        assert_eq!(r.insert(0, std::slice::from_ref(&f), false, u64::MAX).accepted, 3);
+        assert_eq!(r.insert(0, std::slice::from_ref(&f), false, u64::MAX).accepted, 0);
+        let msg = r.next_message().unwrap();
+        assert_eq!(msg.as_ptr(), data.as_ptr());
+        assert!(r.next_message().is_none());
+        assert_eq!(r.insert(0, &[f], false, u64::MAX).accepted, 0, "below delivered");
+    }
+
+    #[test]
+    fn window_drops_and_fin_completes() {
+        let mut r = RecvStream::default();
+        let got = r.insert(0, &[frag(b"0123456789", false)], false, 5);
+        assert_eq!(got.dropped, 10);
+        assert_eq!(r.ack_offset(), 0);
+        r.insert(0, &[frag(b"0123456789", false)], true, 100);
+        assert_eq!(r.ack_offset(), 11, "FIN takes one offset");
+        assert!(r.is_finished());
+        assert_eq!(drain(&mut r), vec![Bytes::from_static(b"0123456789")]);
+    }
+
+    #[test]
+    fn reset_skips_partial_data() {
+        let mut r = RecvStream::default();
+        r.insert(0, &[frag(b"abc", true)], false, u64::MAX);
+        r.insert(10, &[frag(b"xyz", false)], false, u64::MAX);
+        r.reset_to(10);
+        assert_eq!(r.ack_offset(), 13);
+        assert_eq!(drain(&mut r), vec![Bytes::from_static(b"xyz")]);
+        r.reset_to(5);
+        assert_eq!(r.ack_offset(), 13, "reset never moves back");
+    }
+}

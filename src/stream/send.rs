@@ -1,0 +1,362 @@
+//! Send side of one stream: the user's messages addressed by byte offset, the
+//! ranges still to (re)send, and the cumulative acknowledgement.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use bytes::Bytes;
+use rangemap::RangeSet;
+
+use super::{FRAGMENT_OVERHEAD, SendError, StreamId};
+use crate::proto::{AtbusPacketFlagType, AtbusPacketFragmentFlagType, Fragment};
+
+/// A packet's worth of stream data cut from the send buffer.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    pub(crate) offset: u64,
+    pub(crate) flags: i32,
+    pub(crate) fragments: Vec<Fragment>,
+    /// Offsets this packet covers (one past its data for a FIN).
+    pub(crate) range: Range<u64>,
+}
+
+#[derive(Debug)]
+pub(crate) struct SendStream {
+    id: StreamId,
+    /// Messages not yet fully acknowledged, in offset order: (offset, data).
+    messages: VecDeque<(u64, Bytes)>,
+    /// Offset the next message will take.
+    write_offset: u64,
+    /// Everything before this offset is acknowledged.
+    acked: u64,
+    /// Offsets that must be (re)transmitted.
+    unsent: RangeSet<u64>,
+    /// Ranges above `acked` the peer reported holding (selective acks): never
+    /// resent, since receivers do not renege.
+    sacked: RangeSet<u64>,
+    /// Offset of the FIN: it occupies one offset after the last byte, as TCP's
+    /// FIN occupies a sequence number, so that it is acknowledged like data.
+    fin: Option<u64>,
+    /// Bytes retained before `send` answers WouldBlock.
+    window: usize,
+    /// A `send` was refused: raise Writable when space frees up.
+    blocked: bool,
+    /// No acknowledgement yet from the current receiver: packets that start
+    /// at the first retained message carry RESET_OFFSET so that a receiver
+    /// that never saw earlier offsets starts there.
+    reset_pending: bool,
+}
+
+impl SendStream {
+    pub(crate) fn new(id: StreamId, window: usize) -> Self {
+        Self {
+            id,
+            messages: VecDeque::new(),
+            write_offset: 0,
+            acked: 0,
+            unsent: RangeSet::new(),
+            sacked: RangeSet::new(),
+            fin: None,
+            window,
+            blocked: false,
+            reset_pending: true,
+        }
+    }
+
+    /// Bytes held for possible retransmission.
+    pub(crate) fn retained(&self) -> u64 {
+        self.messages
+            .front()
+            .map_or(0, |(offset, _)| self.write_offset - offset)
+    }
+
+    pub(crate) fn push(&mut self, data: Bytes, max_message_len: usize) -> Result<(), SendError> {
+        if self.fin.is_some() {
+            return Err(SendError::Finished { stream_id: self.id });
+        }
+        if data.is_empty() {
+            return Err(SendError::EmptyMessage { stream_id: self.id });
+        }
+        if data.len() > max_message_len {
+            return Err(SendError::MessageTooLarge {
+                stream_id: self.id,
+                len: data.len(),
+                max: max_message_len,
+            });
+        }
+        let retained = self.retained();
+        // A message larger than the window is accepted into an empty stream,
+        // otherwise it could never be sent.
+        if retained > 0 && retained + data.len() as u64 > self.window as u64 {
+            self.blocked = true;
+            return Err(SendError::WouldBlock {
+                stream_id: self.id,
+                window: self.window,
+            });
+        }
+        let start = self.write_offset;
+        self.write_offset += data.len() as u64;
+        self.unsent.insert(start..self.write_offset);
+        self.messages.push_back((start, data));
+        Ok(())
+    }
+
+    pub(crate) fn finish(&mut self) -> Result<(), SendError> {
+        if self.fin.is_some() {
+            return Err(SendError::Finished { stream_id: self.id });
+        }
+        self.fin = Some(self.write_offset);
+        self.unsent.insert(self.write_offset..self.write_offset + 1);
+        Ok(())
+    }
+
+    /// End of the offset space in use (including the FIN's offset).
+    fn end(&self) -> u64 {
+        self.fin.map_or(self.write_offset, |fin| fin + 1)
+    }
+
+    pub(crate) fn has_unsent(&self) -> bool {
+        !self.unsent.is_empty()
+    }
+
+    pub(crate) fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Whether all data, and the FIN if any, is acknowledged.
+    pub(crate) fn is_drained(&self) -> bool {
+        self.acked == self.end()
+    }
+
+    pub(crate) fn is_finished_and_acked(&self) -> bool {
+        self.fin.is_some() && self.is_drained()
+    }
+
+    /// Puts a lost range back for retransmission, minus what the peer holds.
+    pub(crate) fn requeue(&mut self, range: Range<u64>) {
+        let start = range.start.max(self.acked);
+        let end = range.end.min(self.end());
+        if start >= end {
+            return;
+        }
+        let missing: Vec<Range<u64>> = self.sacked.gaps(&(start..end)).collect();
+        for gap in missing {
+            self.unsent.insert(gap);
+        }
+    }
+
+    /// Records a range the peer reported holding. `Err` if it covers offsets
+    /// never sent.
+    pub(crate) fn on_sack(&mut self, range: Range<u64>) -> Result<(), ()> {
+        if range.end > self.end() {
+            return Err(());
+        }
+        let start = range.start.max(self.acked);
+        if start < range.end {
+            self.sacked.insert(start..range.end);
+            self.unsent.remove(start..range.end);
+        }
+        Ok(())
+    }
+
+    /// Whether the peer holds all of `range` (acknowledged or selectively).
+    pub(crate) fn is_received(&self, range: &Range<u64>) -> bool {
+        range.end <= self.acked
+            || self
+                .sacked
+                .get(&range.start.max(self.acked))
+                .is_some_and(|r| r.end >= range.end)
+    }
+
+    /// Resends everything still retained, announcing the reset point again:
+    /// the receiver is a new incarnation that has seen nothing.
+    pub(crate) fn restart(&mut self) {
+        self.reset_pending = true;
+        self.sacked = RangeSet::new();
+        let start = self.messages.front().map_or(self.write_offset, |(offset, _)| *offset);
+        if start < self.end() {
+            self.unsent.insert(start..self.end());
+        }
+    }
+
+    /// Applies a cumulative acknowledgement. Returns whether the stream turned
+    /// writable. Offsets beyond what was sent are ignored (`Err`).
+    pub(crate) fn on_ack(&mut self, acknowledged: u64) -> Result<bool, ()> {
+        if acknowledged > self.end() {
+            return Err(());
+        }
+        self.reset_pending = false;
+        if acknowledged <= self.acked {
+            return Ok(false);
+        }
+        self.acked = acknowledged;
+        self.unsent.remove(0..acknowledged);
+        self.sacked.remove(0..acknowledged);
+        while let Some((offset, data)) = self.messages.front() {
+            if offset + data.len() as u64 > acknowledged {
+                break;
+            }
+            self.messages.pop_front();
+        }
+        if self.blocked && self.retained() < self.window as u64 {
+            self.blocked = false;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Cuts the next packet: the first unsent range, up to `budget` bytes of
+    /// fragment payload plus per-fragment overhead. Fragments are slices of the
+    /// user's `Bytes`: no payload is copied.
+    pub(crate) fn next_chunk(&mut self, budget: usize) -> Option<Chunk> {
+        let first = self.unsent.iter().next()?.clone();
+        if Some(first.start) == self.fin {
+            self.unsent.remove(first.start..first.start + 1);
+            return Some(Chunk {
+                offset: first.start,
+                flags: AtbusPacketFlagType::FinishStream as i32,
+                fragments: Vec::new(),
+                range: first.start..first.start + 1,
+            });
+        }
+        let data_end = first.end.min(self.write_offset);
+        let mut index = self
+            .messages
+            .partition_point(|(offset, data)| offset + data.len() as u64 <= first.start);
+        let mut position = first.start;
+        let mut left = budget;
+        let mut fragments = Vec::new();
+        while position < data_end && left > FRAGMENT_OVERHEAD {
+            let Some((offset, data)) = self.messages.get(index) else {
+                break;
+            };
+            let message_end = offset + data.len() as u64;
+            let take = (data_end.min(message_end) - position).min((left - FRAGMENT_OVERHEAD) as u64);
+            let from = (position - offset) as usize;
+            let piece = data.slice(from..from + take as usize);
+            let has_more = position + take < message_end;
+            fragments.push(Fragment {
+                data: piece,
+                fragment_flag: if has_more {
+                    AtbusPacketFragmentFlagType::HasMore as i32
+                } else {
+                    AtbusPacketFragmentFlagType::None as i32
+                },
+                ..Default::default()
+            });
+            left -= take as usize + FRAGMENT_OVERHEAD;
+            position += take;
+            if !has_more {
+                index += 1;
+            }
+        }
+        if fragments.is_empty() {
+            return None;
+        }
+        let mut flags = 0;
+        let reset_point = self.messages.front().map(|(offset, _)| *offset);
+        if self.reset_pending && reset_point == Some(first.start) {
+            flags |= AtbusPacketFlagType::ResetOffset as i32;
+        }
+        // The FIN rides on the packet that carries the last byte when it fits.
+        let mut range_end = position;
+        if Some(position) == self.fin && self.unsent.contains(&position) {
+            flags |= AtbusPacketFlagType::FinishStream as i32;
+            range_end = position + 1;
+        }
+        self.unsent.remove(first.start..range_end);
+        Some(Chunk {
+            offset: first.start,
+            flags,
+            fragments,
+            range: first.start..range_end,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream() -> SendStream {
+        SendStream::new(1, 1 << 20)
+    }
+
+    #[test]
+    fn packs_many_small_messages_and_marks_boundaries() {
+        let mut s = stream();
+        for i in 0..10u8 {
+            s.push(Bytes::from(vec![i; 10]), 1 << 20).unwrap();
+        }
+        let chunk = s.next_chunk(1000).unwrap();
+        assert_eq!(chunk.fragments.len(), 10);
+        assert!(chunk.fragments.iter().all(|f| !f.has_more()));
+        assert_eq!(chunk.range, 0..100);
+        assert!(chunk.flags & AtbusPacketFlagType::ResetOffset as i32 != 0);
+        assert!(s.next_chunk(1000).is_none());
+    }
+
+    #[test]
+    fn splits_large_message_with_has_more() {
+        let mut s = stream();
+        s.push(Bytes::from(vec![7; 1000]), 1 << 20).unwrap();
+        let mut total = 0;
+        let mut last = None;
+        while let Some(chunk) = s.next_chunk(100 + FRAGMENT_OVERHEAD) {
+            assert_eq!(chunk.fragments.len(), 1);
+            total += chunk.fragments[0].data.len();
+            last = Some(chunk.fragments[0].has_more());
+            if total < 1000 {
+                assert_eq!(last, Some(true));
+            }
+        }
+        assert_eq!(total, 1000);
+        assert_eq!(last, Some(false));
+    }
+
+    #[test]
+    fn requeue_after_ack_only_resends_unacked() {
+        let mut s = stream();
+        s.push(Bytes::from(vec![1; 300]), 1 << 20).unwrap();
+        let chunk = s.next_chunk(10_000).unwrap();
+        assert_eq!(chunk.range, 0..300);
+        assert_eq!(s.on_ack(100), Ok(false));
+        s.requeue(chunk.range);
+        let again = s.next_chunk(10_000).unwrap();
+        assert_eq!(again.range, 100..300);
+        assert_eq!(again.flags & AtbusPacketFlagType::ResetOffset as i32, 0);
+        assert_eq!(s.on_ack(301), Err(()), "ack beyond sent data is refused");
+    }
+
+    #[test]
+    fn fin_occupies_one_offset() {
+        let mut s = stream();
+        s.push(Bytes::from_static(b"abc"), 1 << 20).unwrap();
+        s.finish().unwrap();
+        let chunk = s.next_chunk(10_000).unwrap();
+        assert_eq!(chunk.range, 0..4);
+        assert!(chunk.flags & AtbusPacketFlagType::FinishStream as i32 != 0);
+        assert!(matches!(
+            s.push(Bytes::from_static(b"x"), 10),
+            Err(SendError::Finished { .. })
+        ));
+        s.on_ack(4).unwrap();
+        assert!(s.is_finished_and_acked());
+    }
+
+    #[test]
+    fn window_blocks_and_reopens() {
+        let mut s = SendStream::new(3, 100);
+        s.push(Bytes::from(vec![0; 80]), 1000).unwrap();
+        assert!(matches!(
+            s.push(Bytes::from(vec![0; 30]), 1000),
+            Err(SendError::WouldBlock {
+                stream_id: 3,
+                window: 100
+            })
+        ));
+        s.next_chunk(1000).unwrap();
+        assert_eq!(s.on_ack(80), Ok(true));
+        s.push(Bytes::from(vec![0; 30]), 1000).unwrap();
+    }
+}

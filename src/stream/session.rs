@@ -1,0 +1,622 @@
+//! One remote endpoint: its streams and the paths (connections) that carry them.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::recv::RecvStream;
+use super::rtt::RttEstimator;
+use super::send::SendStream;
+use super::{
+    CONTROL_STREAM, Config, Event, FRAGMENT_OVERHEAD, MAX_SACK_RANGES, PACKET_OVERHEAD, Packet, PathConfig, PathId,
+    ProtocolError, SendError, StreamId, Transmit,
+};
+use crate::proto::{
+    AcknowledgeData, AtbusPacketFlagType, CloseReasonData, Fragment, OffsetRange, PacketContent, PacketData,
+    StreamAcknowledge,
+};
+
+/// Counters of one path (see [`Session::path_stats`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathStats {
+    /// Packets sent and not yet acknowledged or declared lost.
+    pub in_flight_packets: usize,
+    /// Their bytes.
+    pub in_flight_bytes: usize,
+    /// Consecutive retransmission timeouts without progress.
+    pub rto_backoff: u32,
+    /// Smoothed RTT, once measured.
+    pub smoothed_rtt: Option<Duration>,
+    /// Earliest armed timer.
+    pub next_timeout: Option<Instant>,
+}
+
+/// A packet in flight on a path.
+#[derive(Debug)]
+struct Sent {
+    stream_id: StreamId,
+    range: Range<u64>,
+    sent_at: Instant,
+    bytes: usize,
+}
+
+/// Timers of one path, as a fixed table; the path's deadline is the earliest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timer {
+    /// Retransmission timeout of the oldest packet in flight.
+    Rto = 0,
+    /// A packet below a newer acknowledged one reaches its loss delay.
+    Loss = 1,
+}
+
+const TIMER_COUNT: usize = 2;
+
+#[derive(Debug)]
+struct Path {
+    config: PathConfig,
+    rtt: RttEstimator,
+    in_flight: VecDeque<Sent>,
+    in_flight_bytes: usize,
+    /// Consecutive RTO expiries without progress.
+    backoff: u32,
+    /// Streams owed an acknowledgement on this path, with the timepoint to echo.
+    pending_acks: Vec<(StreamId, i64)>,
+    /// Highest received_max_offset the peer reported per stream on this path.
+    sack_hint: HashMap<StreamId, u64>,
+    timers: [Option<Instant>; TIMER_COUNT],
+    /// Close packet to send before the path goes.
+    closing: Option<CloseReasonData>,
+}
+
+impl Path {
+    fn payload_budget(&self) -> usize {
+        self.config.mtu.saturating_sub(self.config.overhead + PACKET_OVERHEAD)
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.timers.iter().flatten().min().copied()
+    }
+}
+
+/// The sans-IO state of one remote endpoint.
+///
+/// Call order, for a driver:
+/// 1. feed input: [`Session::handle_frame`] / [`Session::handle_packet`] /
+///    [`Session::handle_ack`] for what arrived, [`Session::handle_timeout`] once
+///    [`Session::poll_timeout`] has passed;
+/// 2. drain [`Session::poll_transmit`] until `None` and send each on its path;
+/// 3. drain [`Session::poll_event`] (messages, writability, finishes);
+/// 4. sleep until the next input or [`Session::poll_timeout`].
+#[derive(Debug)]
+pub struct Session {
+    config: Config,
+    epoch: Instant,
+    send: BTreeMap<StreamId, SendStream>,
+    recv: BTreeMap<StreamId, RecvStream>,
+    /// Delivered-but-not-polled message bytes per stream: they count against
+    /// the receive window, so an application that stops reading stops the flow.
+    queued: HashMap<StreamId, usize>,
+    paths: BTreeMap<PathId, Path>,
+    events: VecDeque<Event>,
+    /// Round-robin cursors.
+    next_path: Option<PathId>,
+    next_stream: Option<StreamId>,
+}
+
+impl Session {
+    /// A session with no paths yet. `now` is the origin of the timepoints this
+    /// session writes on the wire.
+    pub fn new(config: Config, now: Instant) -> Self {
+        Self {
+            config,
+            epoch: now,
+            send: BTreeMap::new(),
+            recv: BTreeMap::new(),
+            queued: HashMap::new(),
+            paths: BTreeMap::new(),
+            events: VecDeque::new(),
+            next_path: None,
+            next_stream: None,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Adds a path (a connection to this endpoint).
+    pub fn add_path(&mut self, id: PathId, config: PathConfig) {
+        self.paths.insert(
+            id,
+            Path {
+                config,
+                rtt: RttEstimator::new(self.config.initial_rtt),
+                in_flight: VecDeque::new(),
+                in_flight_bytes: 0,
+                backoff: 0,
+                pending_acks: Vec::new(),
+                sack_hint: HashMap::new(),
+                timers: [None; TIMER_COUNT],
+                closing: None,
+            },
+        );
+    }
+
+    /// Ids of the live paths.
+    pub fn paths(&self) -> impl Iterator<Item = PathId> + '_ {
+        self.paths.keys().copied()
+    }
+
+    /// Smoothed RTT of a path, if it has one.
+    pub fn path_rtt(&self, id: PathId) -> Option<Duration> {
+        self.paths.get(&id).filter(|p| p.rtt.has_sample()).map(|p| p.rtt.get())
+    }
+
+    /// Counters of one path, for metrics and diagnostics.
+    pub fn path_stats(&self, id: PathId) -> Option<PathStats> {
+        let path = self.paths.get(&id)?;
+        Some(PathStats {
+            in_flight_packets: path.in_flight.len(),
+            in_flight_bytes: path.in_flight_bytes,
+            rto_backoff: path.backoff,
+            smoothed_rtt: path.rtt.has_sample().then(|| path.rtt.get()),
+            next_timeout: path.deadline(),
+        })
+    }
+
+    /// A path died: whatever it had in flight is sent again on the others.
+    pub fn remove_path(&mut self, id: PathId) {
+        let Some(path) = self.paths.remove(&id) else {
+            return;
+        };
+        for sent in path.in_flight {
+            if let Some(stream) = self.send.get_mut(&sent.stream_id) {
+                stream.requeue(sent.range);
+            }
+        }
+    }
+
+    /// Closes a path gracefully: a FINISH_CONNECTION packet carrying `reason`
+    /// goes out on it (from `poll_transmit`), then the path is removed.
+    pub fn close_path(&mut self, id: PathId, reason: CloseReasonData) {
+        if let Some(path) = self.paths.get_mut(&id) {
+            path.closing = Some(reason);
+        }
+    }
+
+    /// The peer is a new incarnation (it restarted): forget what it acknowledged
+    /// and resend every retained message from the first one, with RESET_OFFSET.
+    pub fn peer_restarted(&mut self) {
+        self.recv.clear();
+        self.queued.clear();
+        for path in self.paths.values_mut() {
+            path.in_flight.clear();
+            path.in_flight_bytes = 0;
+            path.pending_acks.clear();
+            path.sack_hint.clear();
+            path.timers = [None; TIMER_COUNT];
+        }
+        for stream in self.send.values_mut() {
+            stream.restart();
+        }
+    }
+
+    /// Queues a message on a stream. `WouldBlock` when the stream's send window
+    /// is full: an [`Event::Writable`] follows once acknowledgements free space.
+    pub fn send(&mut self, stream_id: StreamId, data: Bytes) -> Result<(), SendError> {
+        let window = self.config.send_window;
+        let max = self.config.max_message_len;
+        self.send
+            .entry(stream_id)
+            .or_insert_with(|| SendStream::new(stream_id, window))
+            .push(data, max)
+    }
+
+    /// Finishes the sending side of a stream: no more messages; the peer gets
+    /// [`Event::Finished`] after the last one, and this side gets
+    /// [`Event::SendFinished`] once the peer acknowledged everything.
+    pub fn finish(&mut self, stream_id: StreamId) -> Result<(), SendError> {
+        let window = self.config.send_window;
+        self.send
+            .entry(stream_id)
+            .or_insert_with(|| SendStream::new(stream_id, window))
+            .finish()
+    }
+
+    /// Bytes sent on `stream_id` and not yet acknowledged.
+    pub fn unacknowledged(&self, stream_id: StreamId) -> u64 {
+        self.send.get(&stream_id).map_or(0, SendStream::retained)
+    }
+
+    /// Whether every stream's data has been acknowledged by the peer.
+    pub fn is_drained(&self) -> bool {
+        self.send.values().all(SendStream::is_drained)
+    }
+
+    fn timepoint(&self, now: Instant) -> i64 {
+        i64::try_from(now.saturating_duration_since(self.epoch).as_micros()).unwrap_or(i64::MAX)
+    }
+
+    /// Dispatches one decoded frame body that arrived on `path`.
+    pub fn handle_frame(
+        &mut self,
+        now: Instant,
+        path: PathId,
+        frame: crate::proto::FrameMessage,
+    ) -> Result<(), ProtocolError> {
+        use crate::proto::Body;
+        match frame.body {
+            Some(Body::Packet(data)) => self.handle_packet(now, path, Packet::from_data(data)?),
+            Some(Body::Acknowledge(ack)) => self.handle_ack(now, path, ack),
+            Some(Body::Ping(_)) | Some(Body::Pong(_)) | None => Ok(()),
+        }
+    }
+
+    /// A packet arrived on `path`.
+    pub fn handle_packet(&mut self, _now: Instant, path_id: PathId, packet: Packet) -> Result<(), ProtocolError> {
+        if packet.has_flag(AtbusPacketFlagType::FinishConnection) {
+            let reason = packet.fragments.into_iter().find_map(|f| f.close_reason);
+            self.remove_path(path_id);
+            self.events.push_back(Event::PathClosed { path: path_id, reason });
+            return Ok(());
+        }
+        let Some(path) = self.paths.get_mut(&path_id) else {
+            return Err(ProtocolError::UnknownPath { path: path_id });
+        };
+        let offset = packet.offset;
+        let stream_id = packet.stream_id;
+        if !self.recv.contains_key(&stream_id) && self.recv.len() >= self.config.max_streams {
+            return Err(ProtocolError::TooManyStreams {
+                max: self.config.max_streams,
+            });
+        }
+        let recv = self.recv.entry(stream_id).or_default();
+        if packet.has_flag(AtbusPacketFlagType::ResetOffset) {
+            recv.reset_to(offset);
+        }
+        let queued = self.queued.get(&stream_id).copied().unwrap_or(0);
+        let window = self.config.recv_window.saturating_sub(queued) as u64;
+        let limit = recv_limit(recv, window);
+        recv.insert(
+            offset,
+            &packet.fragments,
+            packet.has_flag(AtbusPacketFlagType::FinishStream),
+            limit,
+        );
+        match path.pending_acks.iter_mut().find(|(id, _)| *id == stream_id) {
+            Some(entry) => entry.1 = packet.timepoint,
+            None => path.pending_acks.push((stream_id, packet.timepoint)),
+        }
+        let mut delivered = 0;
+        while let Some(data) = recv.next_message() {
+            delivered += data.len();
+            self.events.push_back(Event::Message { stream_id, data });
+        }
+        if delivered > 0 {
+            *self.queued.entry(stream_id).or_default() += delivered;
+        }
+        // The stream stays as a tombstone: late duplicates must not restart it.
+        if recv.take_finish() {
+            self.events.push_back(Event::Finished { stream_id });
+        }
+        Ok(())
+    }
+
+    /// An acknowledgement arrived on `path`.
+    pub fn handle_ack(&mut self, now: Instant, path_id: PathId, ack: AcknowledgeData) -> Result<(), ProtocolError> {
+        let Some(stream_ack) = ack.acknowledge else {
+            return Ok(());
+        };
+        let stream_id = stream_ack.stream_id;
+        let acknowledged = u64::try_from(stream_ack.acknowledge_offset).map_err(|_| ProtocolError::NegativeOffset)?;
+        let max_received = u64::try_from(stream_ack.received_max_offset)
+            .map_err(|_| ProtocolError::NegativeOffset)?
+            .max(acknowledged);
+        let Some(stream) = self.send.get_mut(&stream_id) else {
+            return Ok(());
+        };
+        let before = stream.acked();
+        let writable = stream.on_ack(acknowledged).map_err(|()| ProtocolError::AckBeyondSent {
+            stream_id,
+            acknowledged,
+        })?;
+        let mut max_received = max_received;
+        // With a full list of ranges, what lies above the last one is unknown:
+        // loss detection must not treat it as missing.
+        if let Some(last) = stream_ack.received_ranges.get(MAX_SACK_RANGES - 1) {
+            max_received = max_received.min(u64::try_from(last.end).map_err(|_| ProtocolError::NegativeOffset)?);
+        }
+        for range in stream_ack.received_ranges.iter().take(MAX_SACK_RANGES) {
+            let (Ok(start), Ok(end)) = (u64::try_from(range.start), u64::try_from(range.end)) else {
+                return Err(ProtocolError::NegativeOffset);
+            };
+            if start >= end {
+                continue;
+            }
+            stream.on_sack(start..end).map_err(|()| ProtocolError::AckBeyondSent {
+                stream_id,
+                acknowledged: end,
+            })?;
+            max_received = max_received.max(end);
+        }
+        let progressed = stream.acked() > before;
+        if writable {
+            self.events.push_back(Event::Writable { stream_id });
+        }
+        if progressed && stream.is_finished_and_acked() {
+            self.events.push_back(Event::SendFinished { stream_id });
+        }
+        // RTT sample: the peer echoes the timepoint of the packet it answers.
+        let echoed = ack.timepoint_microseconds;
+        let now_us = self.timepoint(now);
+        if let Some(path) = self.paths.get_mut(&path_id) {
+            if echoed > 0 && echoed <= now_us {
+                path.rtt.update(Duration::from_micros((now_us - echoed) as u64));
+            }
+            if progressed {
+                path.backoff = 0;
+            }
+            let hint = path.sack_hint.entry(stream_id).or_insert(0);
+            *hint = (*hint).max(max_received);
+        }
+        // Data acknowledged here may have been carried by any path.
+        let ids: Vec<PathId> = self.paths.keys().copied().collect();
+        for id in ids {
+            self.scan_in_flight(now, id);
+        }
+        Ok(())
+    }
+
+    /// Walks `path_id`'s packets in flight from the oldest: acknowledged ones
+    /// are dropped; lost ones are dropped and their ranges queued again; the
+    /// walk stops at the first packet still outstanding. A packet is lost when
+    /// the peer reported data at least three packets' payload beyond it, or
+    /// when it sits below reported data for longer than the loss delay (the
+    /// loss timer covers that wait). Amortised O(1) per packet.
+    fn scan_in_flight(&mut self, now: Instant, path_id: PathId) {
+        let Self { paths, send, .. } = self;
+        let Some(path) = paths.get_mut(&path_id) else {
+            return;
+        };
+        let reorder_bytes = (path.payload_budget() * 3) as u64;
+        let loss_delay = path.rtt.loss_delay();
+        path.timers[Timer::Loss as usize] = None;
+        while let Some(sent) = path.in_flight.front() {
+            let stream = send.get_mut(&sent.stream_id);
+            let received = stream.as_ref().is_none_or(|s| s.is_received(&sent.range));
+            if !received {
+                let hint = path.sack_hint.get(&sent.stream_id).copied().unwrap_or(0);
+                if sent.range.end > hint {
+                    break;
+                }
+                if hint - sent.range.end < reorder_bytes && now < sent.sent_at + loss_delay {
+                    path.timers[Timer::Loss as usize] = Some(sent.sent_at + loss_delay);
+                    break;
+                }
+                if let Some(stream) = stream {
+                    stream.requeue(sent.range.clone());
+                }
+            }
+            path.in_flight_bytes -= sent.bytes;
+            path.in_flight.pop_front();
+        }
+        self.arm_rto(path_id);
+    }
+
+    fn arm_rto(&mut self, path_id: PathId) {
+        let (min, max) = (self.config.min_rto, self.config.max_rto);
+        if let Some(path) = self.paths.get_mut(&path_id) {
+            let rto = path.rtt.rto(min, max) * 2u32.saturating_pow(path.backoff.min(16));
+            path.timers[Timer::Rto as usize] = path.in_flight.front().map(|sent| sent.sent_at + rto.min(max));
+        }
+    }
+
+    /// Earliest deadline of any timer, if one is armed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.paths.values().filter_map(Path::deadline).min()
+    }
+
+    /// Runs the timers that expired by `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let ids: Vec<PathId> = self.paths.keys().copied().collect();
+        for id in ids {
+            if self.paths.get(&id).and_then(Path::deadline).is_none_or(|t| t > now) {
+                continue;
+            }
+            // Loss timer, and acknowledged packets out of the way.
+            self.scan_in_flight(now, id);
+            let (min, max) = (self.config.min_rto, self.config.max_rto);
+            let Self { paths, send, .. } = self;
+            let Some(path) = paths.get_mut(&id) else {
+                continue;
+            };
+            if path.timers[Timer::Rto as usize].is_some_and(|t| t <= now) {
+                // Everything sent more than one RTO ago is presumed lost.
+                let rto = path.rtt.rto(min, max);
+                while let Some(sent) = path.in_flight.front() {
+                    if sent.sent_at + rto > now {
+                        break;
+                    }
+                    if let Some(stream) = send.get_mut(&sent.stream_id) {
+                        stream.requeue(sent.range.clone());
+                    }
+                    path.in_flight_bytes -= sent.bytes;
+                    path.in_flight.pop_front();
+                }
+                path.backoff = path.backoff.saturating_add(1);
+                self.arm_rto(id);
+            }
+        }
+    }
+
+    /// Next frame to send, with the path to send it on: acknowledgements
+    /// first, then stream data round-robin over paths and streams.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if let Some(transmit) = self.poll_control() {
+            return Some(transmit);
+        }
+        if let Some(transmit) = self.poll_ack() {
+            return Some(transmit);
+        }
+        self.poll_data(now)
+    }
+
+    fn poll_control(&mut self) -> Option<Transmit> {
+        let id = self
+            .paths
+            .iter()
+            .find(|(_, p)| p.closing.is_some())
+            .map(|(id, _)| *id)?;
+        let reason = self.paths.get_mut(&id)?.closing.take()?;
+        self.remove_path(id);
+        Some(Transmit::Packet {
+            path: id,
+            packet: Packet {
+                stream_id: CONTROL_STREAM,
+                offset: 0,
+                flags: AtbusPacketFlagType::FinishConnection as i32,
+                timepoint: 0,
+                fragments: vec![Fragment {
+                    close_reason: Some(reason),
+                    ..Default::default()
+                }],
+            },
+        })
+    }
+
+    fn poll_ack(&mut self) -> Option<Transmit> {
+        for (id, path) in self.paths.iter_mut() {
+            let Some((stream_id, echo)) = path.pending_acks.pop() else {
+                continue;
+            };
+            let Some(recv) = self.recv.get(&stream_id) else {
+                continue;
+            };
+            let (acknowledge_offset, received_max_offset) = (recv.ack_offset(), recv.max_received());
+            let received_ranges = recv
+                .sack_ranges(MAX_SACK_RANGES)
+                .map(|r| OffsetRange {
+                    start: r.start as i64,
+                    end: r.end as i64,
+                })
+                .collect();
+            return Some(Transmit::Ack {
+                path: *id,
+                ack: AcknowledgeData {
+                    acknowledge: Some(StreamAcknowledge {
+                        stream_id,
+                        acknowledge_offset: acknowledge_offset as i64,
+                        received_max_offset: received_max_offset as i64,
+                        received_ranges,
+                    }),
+                    timepoint_microseconds: echo,
+                    forward_for: None,
+                },
+            });
+        }
+        None
+    }
+
+    fn poll_data(&mut self, now: Instant) -> Option<Transmit> {
+        if self.paths.is_empty() || !self.send.values().any(SendStream::has_unsent) {
+            return None;
+        }
+        let mut path_ids: Vec<PathId> = rotate(self.paths.keys().copied(), self.next_path);
+        // Healthy paths pick first: the oldest unsent data (often a hole the
+        // receiver waits for) must not go to a path that may be dead.
+        path_ids.sort_by_key(|id| self.paths.get(id).is_some_and(|p| p.backoff > 0));
+        let timepoint = self.timepoint(now);
+        for path_id in path_ids {
+            let path_window = self.config.path_window;
+            let path = self.paths.get_mut(&path_id)?;
+            let budget = path.payload_budget();
+            if budget <= FRAGMENT_OVERHEAD || path.in_flight_bytes + budget > path_window {
+                continue;
+            }
+            // A path in RTO backoff may be dead: it only carries one probe at a
+            // time, and the other paths carry the rest.
+            if path.backoff > 0 && !path.in_flight.is_empty() {
+                continue;
+            }
+            let stream_ids: Vec<StreamId> = rotate(
+                self.send.iter().filter(|(_, s)| s.has_unsent()).map(|(id, _)| *id),
+                self.next_stream,
+            );
+            for stream_id in stream_ids {
+                let Some(chunk) = self.send.get_mut(&stream_id).and_then(|s| s.next_chunk(budget)) else {
+                    continue;
+                };
+                let bytes = chunk.range.end.saturating_sub(chunk.range.start) as usize + PACKET_OVERHEAD;
+                path.in_flight.push_back(Sent {
+                    stream_id,
+                    range: chunk.range,
+                    sent_at: now,
+                    bytes,
+                });
+                path.in_flight_bytes += bytes;
+                self.next_path = Some(path_id);
+                self.next_stream = Some(stream_id);
+                if path.timers[Timer::Rto as usize].is_none() {
+                    self.arm_rto(path_id);
+                }
+                return Some(Transmit::Packet {
+                    path: path_id,
+                    packet: Packet {
+                        stream_id,
+                        offset: chunk.offset,
+                        flags: chunk.flags,
+                        timepoint,
+                        fragments: chunk.fragments,
+                    },
+                });
+            }
+        }
+        None
+    }
+
+    /// Next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        let event = self.events.pop_front()?;
+        if let Event::Message { stream_id, data } = &event
+            && let Some(queued) = self.queued.get_mut(stream_id)
+        {
+            *queued = queued.saturating_sub(data.len());
+        }
+        Some(event)
+    }
+}
+
+/// The receive window's end for a stream: `window` bytes past the next message
+/// to deliver.
+fn recv_limit(recv: &RecvStream, window: u64) -> u64 {
+    recv.deliver_offset().saturating_add(window)
+}
+
+/// `items` in order, starting just after `after` (round robin).
+fn rotate<T: Copy + Ord>(items: impl Iterator<Item = T>, after: Option<T>) -> Vec<T> {
+    let mut items: Vec<T> = items.collect();
+    if let Some(after) = after {
+        let split = items.partition_point(|item| *item <= after);
+        items.rotate_left(split);
+    }
+    items
+}
+
+impl Packet {
+    /// Builds from a received `packet_data`, decoding its content.
+    pub fn from_data(data: PacketData) -> Result<Self, ProtocolError> {
+        let offset = u64::try_from(data.stream_offset).map_err(|_| ProtocolError::NegativeOffset)?;
+        let content = PacketContent::decode(data.content).map_err(ProtocolError::Content)?;
+        Ok(Self {
+            stream_id: data.stream_id,
+            offset,
+            flags: data.flags,
+            timepoint: data.timepoint_microseconds,
+            fragments: content.fragment,
+        })
+    }
+}
