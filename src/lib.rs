@@ -43,6 +43,8 @@
 
 #![warn(missing_docs)]
 
+pub mod address;
+pub mod discovery;
 pub mod frame;
 #[allow(missing_docs)]
 pub mod proto;

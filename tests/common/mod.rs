@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
 use libatbus::frame::Encoder;
@@ -71,7 +71,7 @@ pub fn fragment(max_large: usize) -> impl Strategy<Value = Fragment> {
                 data,
                 fragment_flag,
                 options,
-                labels: labels.into_iter().collect::<HashMap<_, _>>(),
+                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
                 forward_for,
                 close_reason,
             },
