@@ -5,6 +5,10 @@ set -euo pipefail
 
 need=()
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
+# etcd-client's build script compiles etcd's protos with protoc.
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# The etcd discovery tests start a real etcd server on free loopback ports.
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 
 if ((${#need[@]})); then
   SUDO=""

@@ -17,6 +17,8 @@
 //! the order of gateways and addresses in the record.
 
 mod backend;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod file;
 mod matching;
 mod validate;
@@ -24,6 +26,8 @@ mod validate;
 use serde::{Deserialize, Deserializer};
 
 pub use backend::{Change, Discovery, DiscoveryError, MemoryDiscovery, Subscription};
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdConfig, EtcdDiscovery};
 pub use file::{FileDiscovery, parse_file};
 pub use matching::{dial_candidates, relay_candidates, rendezvous, same_host, same_process};
 pub use validate::{ValidationError, validate_group, validate_node};
