@@ -53,7 +53,7 @@ pub enum AddressError {
         scheme: String,
     },
     /// `host:port` missing or malformed.
-    #[error("address {0:?}: expected host:port with a port from 1 to 65535")]
+    #[error("address {0:?}: expected host:port with a port from 0 (listen: any free port) to 65535")]
     HostPort(String),
     /// Empty path or name.
     #[error("address {0:?}: empty path or name")]
@@ -65,7 +65,7 @@ fn host_port(address: &str, rest: &str) -> Result<(String, u16), AddressError> {
     let (host, port) = rest.rsplit_once(':').ok_or_else(err)?;
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     let port: u16 = port.parse().map_err(|_| err())?;
-    if host.is_empty() || port == 0 || host.contains('/') {
+    if host.is_empty() || host.contains('/') {
         return Err(err());
     }
     Ok((host.to_string(), port))
@@ -145,7 +145,6 @@ mod tests {
         for bad in [
             "127.0.0.1:80",
             "tcp://host",
-            "tcp://host:0",
             "tcp://host:99999",
             "unix://",
             "mem://",

@@ -46,6 +46,9 @@
 pub mod address;
 pub mod discovery;
 pub mod frame;
+pub mod node;
 #[allow(missing_docs)]
 pub mod proto;
+pub mod runtime;
 pub mod stream;
+pub mod transport;

@@ -21,7 +21,7 @@ mod backend;
 mod etcd;
 mod file;
 mod matching;
-mod validate;
+pub(crate) mod validate;
 
 use serde::{Deserialize, Deserializer};
 

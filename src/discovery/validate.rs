@@ -30,7 +30,7 @@ fn is_alnum(c: char) -> bool {
 
 /// Kubernetes DNS subdomain (RFC 1123): at most 253 characters of lowercase
 /// alphanumerics, `-` and `.`, starting and ending alphanumeric.
-fn dns_subdomain(value: &str) -> Result<(), String> {
+pub(crate) fn dns_subdomain(value: &str) -> Result<(), String> {
     if value.is_empty() || value.len() > 253 {
         return Err(format!("must be 1 to 253 characters, got {}", value.len()));
     }

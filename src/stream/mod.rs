@@ -80,6 +80,10 @@ pub struct PathConfig {
     /// Extra bytes each frame carries besides the packet: the message head
     /// (source and destination names) the connection adds.
     pub overhead: usize,
+    /// Bytes in flight on this path at most; `None` takes the session's
+    /// [`Config::path_window`]. Datagram paths want less than the socket's
+    /// kernel buffer holds, or bursts are dropped there.
+    pub window: Option<usize>,
 }
 
 impl PathConfig {
@@ -92,7 +96,11 @@ impl PathConfig {
 
     /// A path with this MTU and no head overhead.
     pub fn with_mtu(mtu: usize) -> Self {
-        Self { mtu, overhead: 0 }
+        Self {
+            mtu,
+            overhead: 0,
+            window: None,
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! One remote endpoint: its streams and the paths (connections) that carry them.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,8 @@ struct Path {
     timers: [Option<Instant>; TIMER_COUNT],
     /// Close packet to send before the path goes.
     closing: Option<CloseReasonData>,
+    /// The connection's write buffer is full: no new data for this path.
+    blocked: bool,
 }
 
 impl Path {
@@ -101,6 +103,8 @@ pub struct Session {
     queued: HashMap<StreamId, usize>,
     paths: BTreeMap<PathId, Path>,
     events: VecDeque<Event>,
+    /// Streams served first (see [`Session::set_stream_urgent`]).
+    urgent: BTreeSet<StreamId>,
     /// Round-robin cursors.
     next_path: Option<PathId>,
     next_stream: Option<StreamId>,
@@ -118,6 +122,7 @@ impl Session {
             queued: HashMap::new(),
             paths: BTreeMap::new(),
             events: VecDeque::new(),
+            urgent: BTreeSet::new(),
             next_path: None,
             next_stream: None,
         }
@@ -142,8 +147,27 @@ impl Session {
                 sack_hint: HashMap::new(),
                 timers: [None; TIMER_COUNT],
                 closing: None,
+                blocked: false,
             },
         );
+    }
+
+    /// Stops (or resumes) new stream data on a path, for a connection whose
+    /// write buffer is full. Acknowledgements and close packets still go out.
+    pub fn set_path_blocked(&mut self, id: PathId, blocked: bool) {
+        if let Some(path) = self.paths.get_mut(&id) {
+            path.blocked = blocked;
+        }
+    }
+
+    /// Marks a stream urgent (frame-sync traffic): its data goes out before
+    /// any other stream's on every path.
+    pub fn set_stream_urgent(&mut self, stream_id: StreamId, urgent: bool) {
+        if urgent {
+            self.urgent.insert(stream_id);
+        } else {
+            self.urgent.remove(&stream_id);
+        }
     }
 
     /// Ids of the live paths.
@@ -531,10 +555,10 @@ impl Session {
         path_ids.sort_by_key(|id| self.paths.get(id).is_some_and(|p| p.backoff > 0));
         let timepoint = self.timepoint(now);
         for path_id in path_ids {
-            let path_window = self.config.path_window;
             let path = self.paths.get_mut(&path_id)?;
+            let path_window = path.config.window.unwrap_or(self.config.path_window);
             let budget = path.payload_budget();
-            if budget <= FRAGMENT_OVERHEAD || path.in_flight_bytes + budget > path_window {
+            if path.blocked || budget <= FRAGMENT_OVERHEAD || path.in_flight_bytes + budget > path_window {
                 continue;
             }
             // A path in RTO backoff may be dead: it only carries one probe at a
@@ -542,10 +566,14 @@ impl Session {
             if path.backoff > 0 && !path.in_flight.is_empty() {
                 continue;
             }
-            let stream_ids: Vec<StreamId> = rotate(
+            let mut stream_ids: Vec<StreamId> = rotate(
                 self.send.iter().filter(|(_, s)| s.has_unsent()).map(|(id, _)| *id),
                 self.next_stream,
             );
+            if !self.urgent.is_empty() {
+                // Stable: round-robin order holds within each class.
+                stream_ids.sort_by_key(|id| !self.urgent.contains(id));
+            }
             for stream_id in stream_ids {
                 let Some(chunk) = self.send.get_mut(&stream_id).and_then(|s| s.next_chunk(budget)) else {
                     continue;

@@ -121,6 +121,7 @@ impl Sim {
         let path = PathConfig {
             mtu: link.mtu,
             overhead: HEAD_OVERHEAD,
+            window: None,
         };
         self.a.add_path(id, path.clone());
         self.b.add_path(id, path);

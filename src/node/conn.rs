@@ -1,0 +1,833 @@
+//! Connections: listening, dialling with backoff, the handshake, and the
+//! reader / writer tasks that move frames between a [`Link`] and its
+//! endpoint's session.
+//!
+//! Lifecycle of one connection:
+//! 1. both sides send `handshake_data` at once (datagram links resend it
+//!    every 200 ms until the peer's arrives);
+//! 2. the peer's name picks the endpoint; a connection that landed on a
+//!    shard other than the peer's home is handed to it (the socket moves
+//!    once, before any stream data);
+//! 3. the connection becomes a path of the endpoint's session: the reader
+//!    feeds frames in, the writer writes what the session produced, batched;
+//! 4. it ends on EOF or error (unacknowledged data goes to the other paths),
+//!    on too many bad frames (BAD_FRAME), on silence (IDLE_TIMEOUT), or on
+//!    a graceful close (the peer's FINISH_CONNECTION, or SHUTDOWN).
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use prost::Message as _;
+
+use super::shard::{self, Endpoint, ShardState};
+use crate::address::Address;
+use crate::frame::{self, DecodeError, Decoder};
+use crate::proto::{
+    AtbusCloseReason, AtbusPacketFlagType, AtbusPacketType, AtbusProtocolConst, Body, CloseReasonData, Fragment,
+    FrameMessage, HandshakeData, PacketContent, PacketData,
+};
+use crate::runtime::{self, TaskClass};
+use crate::stream::{PathConfig, PathId};
+use crate::transport::{self, Connected, Link, Listener, UdpDemux};
+
+/// Internal stream carrying the handshake.
+pub const HANDSHAKE_STREAM: i64 = -2;
+
+/// A single-threaded notification: every waiter created before a
+/// `notify()` completes.
+#[derive(Default)]
+pub struct Notify {
+    generation: Cell<u64>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Notify {
+    pub fn notify(&self) {
+        self.generation.set(self.generation.get() + 1);
+        for waker in self.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.generation.get() > 0
+    }
+
+    /// Completes at the next `notify()` after this call.
+    pub fn notified(&self) -> impl Future<Output = ()> + '_ {
+        let start = self.generation.get();
+        std::future::poll_fn(move |cx| {
+            if self.generation.get() != start {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.waiters.borrow_mut();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The socket failed or the peer closed it.
+    Io(String),
+    /// We closed it with this reason (sent to the peer first).
+    Closed(CloseReasonData),
+    /// The peer closed it with FINISH_CONNECTION.
+    PeerClosed,
+    /// The connection moved to the peer's home shard.
+    HandedOff,
+    /// The node is stopping.
+    Shutdown,
+}
+
+fn reason(code: AtbusCloseReason, message: impl Into<String>) -> CloseReasonData {
+    CloseReasonData {
+        code: code as i32,
+        message: message.into(),
+    }
+}
+
+/// Accepts connections until the node stops.
+pub(super) async fn listen(state: Rc<ShardState>, listener: Listener, local: Address) {
+    if let Listener::Udp(socket) = listener {
+        return listen_udp(state, socket, local).await;
+    }
+    tracing::info!(node = %state.shared.name, shard = state.index, "listening on {local}");
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            state.shutdown.notified().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok(connected)) => {
+                let state = state.clone();
+                let origin = local.to_string();
+                runtime::spawn(TaskClass::Throughput, async move {
+                    run(state, connected, None, origin).await;
+                });
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: the listener stays; back off a little.
+                tracing::warn!("accept on {local} failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if shard::is_stopping(&state) {
+            break;
+        }
+    }
+}
+
+async fn listen_udp(state: Rc<ShardState>, socket: Rc<glommio::net::UdpSocket>, local: Address) {
+    tracing::info!(node = %state.shared.name, shard = state.index, "listening on {local}");
+    let demux = Rc::new(UdpDemux::new(socket, 4096));
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let next = futures_lite::future::or(async { Some(demux.next(&mut buf).await) }, async {
+            state.shutdown.notified().await;
+            None
+        })
+        .await;
+        match next {
+            None => break,
+            Some(Ok(Some(link))) => {
+                let state = state.clone();
+                let demux = demux.clone();
+                let peer = link.peer_addr();
+                runtime::spawn(TaskClass::Throughput, async move {
+                    run_link(state, Rc::new(link), None, format!("udp://{peer}")).await;
+                    demux.forget(peer);
+                });
+            }
+            Some(Ok(None)) => {}
+            Some(Err(e)) => {
+                tracing::debug!("udp receive on {local}: {e}");
+            }
+        }
+    }
+}
+
+/// Dials `address` for `peer`, and again whenever the connection ends, with
+/// exponential backoff and jitter, until the node stops.
+pub(super) async fn dial_loop(state: Rc<ShardState>, peer: Arc<str>, address: Address) {
+    let config = &state.shared.config;
+    let mut backoff = config.reconnect_min;
+    let mut failures = 0u32;
+    loop {
+        if shard::is_stopping(&state) {
+            break;
+        }
+        let started = Instant::now();
+        let dialed = futures_lite::future::or(
+            async { Some(transport::connect(&address, config.connect_timeout).await) },
+            async {
+                state.shutdown.notified().await;
+                None
+            },
+        )
+        .await;
+        match dialed {
+            None => break,
+            Some(Ok(connected)) => {
+                failures = 0;
+                let end = run(state.clone(), connected, Some(peer.clone()), address.to_string()).await;
+                if matches!(end, Some(End::Shutdown)) {
+                    break;
+                }
+                if started.elapsed() > config.reconnect_max {
+                    backoff = config.reconnect_min;
+                }
+            }
+            Some(Err(e)) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(peer = %peer, "cannot connect to {address}: {e}; retrying with backoff");
+                } else {
+                    tracing::debug!(peer = %peer, "cannot connect to {address}: {e}");
+                }
+            }
+        }
+        // Full jitter over [backoff/2, backoff].
+        let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+        futures_lite::future::or(glommio::timer::sleep(wait), state.shutdown.notified()).await;
+        backoff = (backoff * 2).min(config.reconnect_max);
+    }
+}
+
+async fn run(state: Rc<ShardState>, connected: Connected, expected: Option<Arc<str>>, origin: String) -> Option<End> {
+    match connected {
+        Connected::Tcp(link) => run_link(state, Rc::new(link), expected, origin).await,
+        Connected::Unix(link) => run_link(state, Rc::new(link), expected, origin).await,
+        Connected::Udp(link) => run_link(state, Rc::new(link), expected, origin).await,
+    }
+}
+
+fn hello_frame(state: &ShardState, acknowledge: bool) -> FrameMessage {
+    let hello = HandshakeData {
+        version: AtbusProtocolConst::Version as i32,
+        minimal_version: crate::frame::MIN_PROTOCOL_VERSION as i32,
+        node_name: state.shared.name.to_string(),
+        incarnation: state.shared.incarnation,
+        acknowledge,
+        record: Bytes::new(),
+    };
+    let content = PacketContent {
+        fragment: vec![Fragment {
+            packet_type: AtbusPacketType::Handshake as i32,
+            data: Bytes::from(hello.encode_to_vec()),
+            ..Default::default()
+        }],
+    };
+    FrameMessage {
+        head: None,
+        body: Some(Body::Packet(PacketData {
+            stream_id: HANDSHAKE_STREAM,
+            content: Bytes::from(content.encode_to_vec()),
+            ..Default::default()
+        })),
+    }
+}
+
+fn close_frame(reason: CloseReasonData) -> FrameMessage {
+    let content = PacketContent {
+        fragment: vec![Fragment {
+            close_reason: Some(reason),
+            ..Default::default()
+        }],
+    };
+    FrameMessage {
+        head: None,
+        body: Some(Body::Packet(PacketData {
+            stream_id: crate::stream::CONTROL_STREAM,
+            flags: AtbusPacketFlagType::FinishConnection as i32,
+            content: Bytes::from(content.encode_to_vec()),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The peer's handshake, if `frame` is one.
+fn parse_hello(frame: &FrameMessage) -> Option<Result<HandshakeData, String>> {
+    let Some(Body::Packet(packet)) = &frame.body else {
+        return None;
+    };
+    if packet.stream_id != HANDSHAKE_STREAM {
+        return None;
+    }
+    let parsed = PacketContent::decode(packet.content.clone())
+        .map_err(|e| format!("undecodable handshake content: {e}"))
+        .and_then(|content| {
+            content
+                .fragment
+                .into_iter()
+                .find(|f| f.packet_type == AtbusPacketType::Handshake as i32)
+                .ok_or_else(|| "handshake packet without a handshake fragment".to_string())
+        })
+        .and_then(|f| HandshakeData::decode(f.data).map_err(|e| format!("undecodable handshake_data: {e}")));
+    Some(parsed)
+}
+
+async fn write_frame<L: Link>(state: &ShardState, link: &L, frame: &FrameMessage) -> io::Result<()> {
+    let mut buf = BytesMut::new();
+    state
+        .encoder
+        .encode(frame, &mut buf)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    write_all(link, &buf).await
+}
+
+async fn write_all<L: Link>(link: &L, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = link.send(buf).await?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes"));
+        }
+        if link.is_datagram() {
+            return Ok(());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Reads frames from a link: stream links through the streaming decoder,
+/// datagram links one frame per datagram.
+struct FrameReader {
+    decoder: Decoder,
+    buf: Vec<u8>,
+    datagram: bool,
+    config: frame::Config,
+}
+
+impl FrameReader {
+    fn new(config: &frame::Config, datagram: bool) -> Self {
+        Self {
+            decoder: Decoder::new(config.clone()),
+            buf: vec![0u8; if datagram { 65_536 } else { 256 * 1024 }],
+            datagram,
+            config: config.clone(),
+        }
+    }
+
+    /// Reads once; returns the frames (and errors) that completed.
+    async fn read<L: Link>(&mut self, link: &L, out: &mut Vec<Result<FrameMessage, DecodeError>>) -> io::Result<usize> {
+        let n = link.recv(&mut self.buf).await?;
+        if n == 0 && !self.datagram {
+            return Ok(0);
+        }
+        if self.datagram {
+            out.push(frame::decode_datagram(
+                &self.config,
+                Bytes::copy_from_slice(&self.buf[..n]),
+            ));
+            return Ok(n.max(1));
+        }
+        self.decoder.extend(&self.buf[..n]);
+        self.decode_buffered(out);
+        Ok(n)
+    }
+
+    fn decode_buffered(&mut self, out: &mut Vec<Result<FrameMessage, DecodeError>>) {
+        loop {
+            match self.decoder.decode() {
+                Ok(Some(frame)) => out.push(Ok(frame)),
+                Ok(None) => break,
+                Err(e) => {
+                    let fatal = e.is_fatal();
+                    out.push(Err(e));
+                    if fatal {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs one connection to its end.
+async fn run_link<L: Link>(
+    state: Rc<ShardState>,
+    link: Rc<L>,
+    expected: Option<Arc<str>>,
+    origin: String,
+) -> Option<End> {
+    let datagram = link.is_datagram();
+    let mut reader = FrameReader::new(&state.shared.config.frame, datagram);
+    let hello = match handshake(&state, &*link, &mut reader, expected.as_deref(), &origin).await {
+        Ok(hello) => hello,
+        Err(end) => {
+            if !matches!(end, End::Shutdown) {
+                state.shared.counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            return Some(end);
+        }
+    };
+    let home = state.shared.home_shard(&hello.node_name);
+    if home != state.index {
+        // The peer lives on another shard: move the socket there, with the
+        // bytes already read, before any stream data flows.
+        return match link.handoff() {
+            Ok(handoff) => {
+                let leftover = reader.decoder.buffer_mut().split().freeze();
+                state.shared.shards[home].submit(move || shard::adopt(handoff, hello, leftover, origin));
+                Some(End::HandedOff)
+            }
+            Err(e) => {
+                tracing::warn!("cannot hand connection {origin} to shard {home}: {e}");
+                link.shutdown().await;
+                Some(End::Io(e.to_string()))
+            }
+        };
+    }
+    Some(established(state, link, reader, hello, origin).await)
+}
+
+/// A connection on the peer's home shard, handshake done, with its reader
+/// holding whatever arrived after the handshake.
+pub(super) async fn adopted(
+    state: Rc<ShardState>,
+    connected: Connected,
+    hello: HandshakeData,
+    leftover: Bytes,
+    origin: String,
+) {
+    fn reader_for(state: &ShardState, datagram: bool, leftover: &[u8]) -> FrameReader {
+        let mut reader = FrameReader::new(&state.shared.config.frame, datagram);
+        reader.decoder.extend(leftover);
+        reader
+    }
+    match connected {
+        Connected::Tcp(link) => {
+            let reader = reader_for(&state, false, &leftover);
+            established(state, Rc::new(link), reader, hello, origin).await
+        }
+        Connected::Unix(link) => {
+            let reader = reader_for(&state, false, &leftover);
+            established(state, Rc::new(link), reader, hello, origin).await
+        }
+        Connected::Udp(link) => {
+            let reader = reader_for(&state, true, &[]);
+            established(state, Rc::new(link), reader, hello, origin).await
+        }
+    };
+}
+
+async fn established<L: Link>(
+    state: Rc<ShardState>,
+    link: Rc<L>,
+    mut reader: FrameReader,
+    hello: HandshakeData,
+    origin: String,
+) -> End {
+    let datagram = link.is_datagram();
+    let peer: Arc<str> = Arc::from(hello.node_name.as_str());
+    let endpoint = state.endpoint(&peer);
+    let path_id = state.next_path_id();
+    let config = &state.shared.config;
+    let path = if datagram {
+        PathConfig {
+            mtu: config.udp_mtu,
+            overhead: 0,
+            window: Some(config.udp_window),
+        }
+    } else {
+        PathConfig::with_mtu(config.stream_mtu)
+    };
+    endpoint.add_path(&state, path_id, path, datagram, hello.incarnation);
+    state.shared.counters.established.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(node = %state.shared.name, peer = %peer, path = path_id.0, "connected via {origin}");
+    let dead = Rc::new(Notify::default());
+    let class = TaskClass::Throughput;
+    {
+        let (state, link, endpoint, dead) = (state.clone(), link.clone(), endpoint.clone(), dead.clone());
+        runtime::spawn(class, async move {
+            writer(state, link, endpoint, path_id, dead).await;
+        });
+    }
+    // Frames that came with the handshake.
+    let mut frames = Vec::new();
+    reader.decode_buffered(&mut frames);
+    let end = read_loop(&state, &*link, &mut reader, &endpoint, path_id, &dead, frames, &origin).await;
+    match &end {
+        End::Closed(reason) => {
+            // Give the writer a moment to send the close packet.
+            let deadline = Instant::now() + Duration::from_millis(200);
+            while endpoint
+                .state
+                .borrow()
+                .paths
+                .get(&path_id)
+                .is_some_and(|p| !p.dead && p.buffered() > 0)
+                && Instant::now() < deadline
+            {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            if reason.code == AtbusCloseReason::BadFrame as i32 {
+                state.shared.counters.closed_bad_frame.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(peer = %peer, "closed connection {origin}: {:?} {}", reason.code(), reason.message);
+        }
+        End::Io(e) => tracing::info!(peer = %peer, "connection {origin} ended: {e}"),
+        End::PeerClosed => tracing::info!(peer = %peer, "peer closed connection {origin}"),
+        End::Shutdown | End::HandedOff => {}
+    }
+    endpoint.remove_path(path_id);
+    endpoint.drive(&state);
+    state.shared.counters.closed.fetch_add(1, Ordering::Relaxed);
+    link.shutdown().await;
+    end
+}
+
+/// Exchanges `handshake_data`; returns the peer's.
+async fn handshake<L: Link>(
+    state: &ShardState,
+    link: &L,
+    reader: &mut FrameReader,
+    expected: Option<&str>,
+    origin: &str,
+) -> Result<HandshakeData, End> {
+    let config = &state.shared.config;
+    let deadline = Instant::now() + config.connect_timeout;
+    let refuse = |code: AtbusCloseReason, message: String| {
+        tracing::warn!(node = %state.shared.name, "handshake on {origin} refused: {message}");
+        End::Closed(reason(code, message))
+    };
+    write_frame(state, link, &hello_frame(state, false))
+        .await
+        .map_err(|e| End::Io(e.to_string()))?;
+    let mut frames = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(End::Io(format!("handshake on {origin} timed out")));
+        }
+        let wait = if link.is_datagram() {
+            left.min(Duration::from_millis(200))
+        } else {
+            left
+        };
+        let read = futures_lite::future::or(
+            async { Some(transport::with_timeout(wait, reader.read(link, &mut frames)).await) },
+            async {
+                state.shutdown.notified().await;
+                None
+            },
+        )
+        .await;
+        match read {
+            None => return Err(End::Shutdown),
+            Some(Ok(0)) => return Err(End::Io(format!("{origin} closed during the handshake"))),
+            Some(Ok(_)) => {}
+            Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                if link.is_datagram() {
+                    let _ = write_frame(state, link, &hello_frame(state, false)).await;
+                }
+                continue;
+            }
+            Some(Err(e)) => return Err(End::Io(e.to_string())),
+        }
+        for frame in frames.drain(..) {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(DecodeError::UnsupportedVersion { version, min, max }) => {
+                    let end = refuse(
+                        AtbusCloseReason::UnsupportedVersion,
+                        format!("protocol version {version} not supported ({min}..={max})"),
+                    );
+                    if let End::Closed(r) = &end {
+                        let _ = write_frame(state, link, &close_frame(r.clone())).await;
+                    }
+                    return Err(end);
+                }
+                Err(e) if e.is_fatal() || !link.is_datagram() => {
+                    let end = refuse(
+                        AtbusCloseReason::BadFrame,
+                        format!("bad frame during the handshake: {e}"),
+                    );
+                    if let End::Closed(r) = &end {
+                        let _ = write_frame(state, link, &close_frame(r.clone())).await;
+                    }
+                    return Err(end);
+                }
+                Err(_) => continue,
+            };
+            let hello = match parse_hello(&frame) {
+                // Stream data ahead of the handshake (a datagram race): the
+                // stream layer resends it.
+                None => continue,
+                Some(Err(message)) => return Err(refuse(AtbusCloseReason::BadFrame, message)),
+                Some(Ok(hello)) => hello,
+            };
+            let refusal = if hello.version < crate::frame::MIN_PROTOCOL_VERSION as i32 {
+                Some((
+                    AtbusCloseReason::UnsupportedVersion,
+                    format!(
+                        "peer speaks protocol version {}, below the minimum {}",
+                        hello.version,
+                        crate::frame::MIN_PROTOCOL_VERSION as i32
+                    ),
+                ))
+            } else if let Err(e) = crate::discovery::validate::dns_subdomain(&hello.node_name) {
+                Some((
+                    AtbusCloseReason::Unauthorized,
+                    format!("invalid peer name {:?}: {e}", hello.node_name),
+                ))
+            } else if hello.node_name == *state.shared.name {
+                Some((AtbusCloseReason::Unauthorized, "connected to itself".to_string()))
+            } else if expected.is_some_and(|name| name != hello.node_name) {
+                Some((
+                    AtbusCloseReason::Unauthorized,
+                    format!(
+                        "expected peer {:?}, found {:?}",
+                        expected.unwrap_or_default(),
+                        hello.node_name
+                    ),
+                ))
+            } else {
+                None
+            };
+            if let Some((code, message)) = refusal {
+                let end = refuse(code, message);
+                if let End::Closed(r) = &end {
+                    let _ = write_frame(state, link, &close_frame(r.clone())).await;
+                }
+                return Err(end);
+            }
+            if link.is_datagram() && !hello.acknowledge {
+                let _ = write_frame(state, link, &hello_frame(state, true)).await;
+            }
+            return Ok(hello);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_loop<L: Link>(
+    state: &Rc<ShardState>,
+    link: &L,
+    reader: &mut FrameReader,
+    endpoint: &Rc<Endpoint>,
+    path_id: PathId,
+    dead: &Notify,
+    mut frames: Vec<Result<FrameMessage, DecodeError>>,
+    origin: &str,
+) -> End {
+    let config = &state.shared.config;
+    let epoch = Instant::now();
+    let mut last_rx = Instant::now();
+    let mut last_ping = Instant::now();
+    let mut bad_frames = 0u32;
+    loop {
+        let now = Instant::now();
+        let mut close = None;
+        for frame in frames.drain(..) {
+            match frame {
+                Ok(frame) => {
+                    if let Err(e) = handle_frame(state, link, endpoint, path_id, epoch, now, frame) {
+                        bad_frames += 1;
+                        state.shared.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %endpoint.peer, "bad frame on {origin} ({bad_frames}/{}): {e}", config.max_bad_frames);
+                    }
+                }
+                Err(e) => {
+                    bad_frames += 1;
+                    state.shared.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %endpoint.peer, "bad frame on {origin} ({bad_frames}/{}): {e}", config.max_bad_frames);
+                    if e.is_fatal() && !link.is_datagram() {
+                        close = Some(reason(AtbusCloseReason::BadFrame, format!("stream framing lost: {e}")));
+                    }
+                }
+            }
+        }
+        if close.is_none() && bad_frames > config.max_bad_frames {
+            close = Some(reason(
+                AtbusCloseReason::BadFrame,
+                format!("{bad_frames} bad frames (max_bad_frames {})", config.max_bad_frames),
+            ));
+        }
+        let path_closing = endpoint.state.borrow().paths.get(&path_id).is_some_and(|p| p.closing);
+        if path_closing {
+            // FINISH_CONNECTION from the peer, or our own shutdown.
+            endpoint.drive(state);
+            return if shard::is_stopping(state) || state.shared.stopping.load(Ordering::Acquire) {
+                End::Shutdown
+            } else {
+                End::PeerClosed
+            };
+        }
+        if last_rx.elapsed() > config.idle_timeout {
+            close = Some(reason(
+                AtbusCloseReason::IdleTimeout,
+                format!("nothing received for {:?}", config.idle_timeout),
+            ));
+        }
+        if let Some(r) = close {
+            {
+                let mut st = endpoint.state.borrow_mut();
+                st.session.close_path(path_id, r.clone());
+                if let Some(path) = st.paths.get_mut(&path_id) {
+                    path.closing = true;
+                }
+            }
+            endpoint.drive(state);
+            return End::Closed(r);
+        }
+        if last_ping.elapsed() >= config.ping_interval {
+            last_ping = Instant::now();
+            endpoint.push_control(path_id, shard::ping_frame(epoch, false, None));
+        }
+        endpoint.drive(state);
+
+        let wait = config
+            .ping_interval
+            .saturating_sub(last_ping.elapsed())
+            .max(Duration::from_millis(1));
+        let read = futures_lite::future::or(
+            async { Some(transport::with_timeout(wait, reader.read(link, &mut frames)).await) },
+            async {
+                futures_lite::future::or(dead.notified(), state.shutdown.notified()).await;
+                None
+            },
+        )
+        .await;
+        match read {
+            None if state.shutdown.is_set() => return End::Shutdown,
+            None => return End::Io("write failed".into()),
+            Some(Ok(0)) => return End::Io("closed by peer".into()),
+            Some(Ok(_)) => last_rx = Instant::now(),
+            Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {}
+            Some(Err(e)) => return End::Io(e.to_string()),
+        }
+    }
+}
+
+/// Handles one frame on an established connection.
+fn handle_frame<L: Link>(
+    state: &ShardState,
+    link: &L,
+    endpoint: &Endpoint,
+    path_id: PathId,
+    epoch: Instant,
+    now: Instant,
+    frame: FrameMessage,
+) -> Result<(), String> {
+    match &frame.body {
+        Some(Body::Ping(ping)) => {
+            endpoint.push_control(
+                path_id,
+                shard::ping_frame(epoch, true, Some(ping.timepoint_microseconds)),
+            );
+            return Ok(());
+        }
+        Some(Body::Pong(pong)) => {
+            let sent = epoch + Duration::from_micros(u64::try_from(pong.timepoint_microseconds).unwrap_or(0));
+            tracing::trace!(peer = %endpoint.peer, rtt = ?now.saturating_duration_since(sent), "pong");
+            return Ok(());
+        }
+        _ => {}
+    }
+    if let Some(hello) = parse_hello(&frame) {
+        let hello = hello?;
+        if link.is_datagram() && !hello.acknowledge {
+            // Our reply was lost: answer again.
+            endpoint.push_control(path_id, hello_frame(state, true));
+        }
+        return Ok(());
+    }
+    endpoint
+        .state
+        .borrow_mut()
+        .session
+        .handle_frame(now, path_id, frame)
+        .map_err(|e| e.to_string())
+}
+
+/// Writes what the session puts in this path's buffer, batched: everything
+/// buffered goes out in one write (one datagram per frame on UDP).
+async fn writer<L: Link>(
+    state: Rc<ShardState>,
+    link: Rc<L>,
+    endpoint: Rc<Endpoint>,
+    path_id: PathId,
+    dead: Rc<Notify>,
+) {
+    enum Work {
+        Bytes(Bytes),
+        Datagrams(Vec<Bytes>),
+        Close,
+        Stop,
+    }
+    loop {
+        let work = std::future::poll_fn(|cx| {
+            let mut st = endpoint.state.borrow_mut();
+            let Some(path) = st.paths.get_mut(&path_id) else {
+                return Poll::Ready(Work::Stop);
+            };
+            if path.dead {
+                return Poll::Ready(Work::Stop);
+            }
+            if !path.out.is_empty() {
+                return Poll::Ready(Work::Bytes(path.out.split().freeze()));
+            }
+            if !path.datagrams.is_empty() {
+                return Poll::Ready(Work::Datagrams(path.datagrams.drain(..).collect()));
+            }
+            if path.closing {
+                return Poll::Ready(Work::Close);
+            }
+            path.writer = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        let result = match work {
+            Work::Stop => break,
+            Work::Close => {
+                link.shutdown().await;
+                if let Some(path) = endpoint.state.borrow_mut().paths.get_mut(&path_id) {
+                    path.dead = true;
+                }
+                dead.notify();
+                break;
+            }
+            Work::Bytes(bytes) => write_all(&*link, &bytes).await,
+            Work::Datagrams(datagrams) => {
+                let mut result = Ok(());
+                for datagram in datagrams {
+                    match link.send(&datagram).await {
+                        Ok(_) => {}
+                        // The peer's port is closed for now (ICMP): a lost datagram.
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                result
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %endpoint.peer, "write failed: {e}");
+            if let Some(path) = endpoint.state.borrow_mut().paths.get_mut(&path_id) {
+                path.dead = true;
+            }
+            dead.notify();
+            break;
+        }
+        endpoint.state.borrow_mut().session.set_path_blocked(path_id, false);
+        endpoint.drive(&state);
+    }
+}

@@ -1,0 +1,647 @@
+//! The node: a named process on the bus. It owns a runtime of shards, listens
+//! on its addresses, dials the peers it has routes to, and sends messages to
+//! peers by name over streams.
+//!
+//! ```text
+//!  Node (Send + Sync handle)
+//!    send(to, stream, Bytes) ──► per-shard send queue ──► peer's home shard
+//!    recv() ◄── bounded message queue ◄── every shard
+//!
+//!  shard (one thread, glommio):
+//!    endpoint per peer name ── stream::Session ── paths = connections
+//!    connection: reader task (decode → session) + writer task (batched writes)
+//! ```
+//!
+//! A peer lives on one shard (its *home*, by hash of its name); connections
+//! accepted on another shard are handed to the home shard right after the
+//! handshake, before any stream data, and never move again.
+//!
+//! Same-process peers (`mem://name`) get each message's `Bytes` through the
+//! peer's receive queue: no encoding, no copy, no socket.
+
+mod conn;
+mod mem;
+mod shard;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_queue::ArrayQueue;
+
+use crate::address::{Address, AddressError};
+use crate::runtime::{Runtime, RuntimeConfig, RuntimeError, ShardHandle};
+use crate::stream::{self, StreamId};
+
+/// Node settings.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The node's unique name (Kubernetes DNS-subdomain rules).
+    pub name: String,
+    /// Addresses to listen on (`tcp://127.0.0.1:0` picks a free port).
+    pub listen: Vec<Address>,
+    /// Shards and their executors.
+    pub runtime: RuntimeConfig,
+    /// Stream-layer windows and timers.
+    pub stream: stream::Config,
+    /// Frame-codec limits.
+    pub frame: crate::frame::Config,
+    /// Give up a dial after this long.
+    pub connect_timeout: Duration,
+    /// First and largest delay between redials (doubling, with jitter).
+    pub reconnect_min: Duration,
+    /// See `reconnect_min`.
+    pub reconnect_max: Duration,
+    /// A ping goes out on a connection quiet for this long.
+    pub ping_interval: Duration,
+    /// A connection that received nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Bad frames (hash mismatch, undecodable, protocol violation) a
+    /// connection may send before it is closed with BAD_FRAME.
+    pub max_bad_frames: u32,
+    /// Bytes a connection buffers for one write before new stream data waits.
+    pub write_batch: usize,
+    /// MTU of UDP paths.
+    pub udp_mtu: usize,
+    /// Bytes in flight per UDP path at most (keep it well under the kernel
+    /// socket buffer, see [`crate::transport::UDP_SOCKET_BUFFER`]).
+    pub udp_window: usize,
+    /// MTU of TCP and Unix paths.
+    pub stream_mtu: usize,
+    /// Received messages queued for the application at most.
+    pub recv_queue: usize,
+    /// Messages queued per shard from other threads at most.
+    pub send_queue: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            listen: Vec::new(),
+            runtime: RuntimeConfig {
+                shards: 1,
+                ..RuntimeConfig::default()
+            },
+            stream: stream::Config::default(),
+            frame: crate::frame::Config::default(),
+            connect_timeout: Duration::from_secs(2),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+            max_bad_frames: 8,
+            write_batch: 256 * 1024,
+            udp_mtu: stream::PathConfig::UDP_MTU,
+            udp_window: 512 * 1024,
+            stream_mtu: stream::PathConfig::TCP_MTU,
+            recv_queue: 1 << 16,
+            send_queue: 1 << 16,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// A configuration with this name and listen addresses, defaults otherwise.
+    pub fn new(name: &str, listen: &[&str]) -> Result<Self, NodeError> {
+        let listen = listen
+            .iter()
+            .map(|a| a.parse::<Address>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(NodeError::Address)?;
+        Ok(Self {
+            name: name.to_string(),
+            listen,
+            ..Self::default()
+        })
+    }
+
+    /// Checks every field; the error names the one that is wrong.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        if let Err(reason) = crate::discovery::validate::dns_subdomain(&self.name) {
+            return Err(NodeError::Config {
+                field: "name",
+                reason: format!("{:?}: {reason}", self.name),
+            });
+        }
+        self.stream.validate().map_err(|e| NodeError::Config {
+            field: "stream",
+            reason: e.to_string(),
+        })?;
+        self.frame.validate().map_err(|e| NodeError::Config {
+            field: "frame",
+            reason: e.to_string(),
+        })?;
+        let checks: [(&'static str, bool); 7] = [
+            ("connect_timeout", !self.connect_timeout.is_zero()),
+            (
+                "reconnect_min",
+                !self.reconnect_min.is_zero() && self.reconnect_min <= self.reconnect_max,
+            ),
+            (
+                "idle_timeout",
+                self.idle_timeout > self.ping_interval && !self.ping_interval.is_zero(),
+            ),
+            ("udp_mtu", (256..=65_000).contains(&self.udp_mtu)),
+            ("udp_window", self.udp_window >= self.udp_mtu),
+            (
+                "stream_mtu",
+                self.stream_mtu >= 256 && self.stream_mtu <= self.frame.max_frame_len,
+            ),
+            ("write_batch", self.write_batch >= self.stream_mtu),
+        ];
+        for (field, ok) in checks {
+            if !ok {
+                return Err(NodeError::Config {
+                    field,
+                    reason: "out of range (see NodeConfig docs)".into(),
+                });
+            }
+        }
+        if self.recv_queue == 0 || self.send_queue == 0 {
+            return Err(NodeError::Config {
+                field: "recv_queue/send_queue",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A message received from a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The sending node.
+    pub from: Arc<str>,
+    /// The stream it came on.
+    pub stream_id: StreamId,
+    /// The payload (a slice of the receive buffer, or the sender's own
+    /// `Bytes` for same-process peers).
+    pub data: Bytes,
+}
+
+/// Why a node did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// A configuration field is invalid.
+    #[error("node config: {field}: {reason}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An address did not parse.
+    #[error("node config: {0}")]
+    Address(AddressError),
+    /// The runtime did not start.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {address}: {reason}")]
+    Listen {
+        /// The address.
+        address: Address,
+        /// The cause.
+        reason: String,
+    },
+}
+
+/// Why a message was not accepted. Nothing is accepted and then silently lost.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No route to this name and no connection from it.
+    #[error("unknown peer {0:?}: no route and no connection (add a route or check discovery)")]
+    UnknownPeer(String),
+    /// A queue on the way is full (`stream.send_window` for the stream,
+    /// `send_queue` for the cross-thread queue, the peer's `recv_queue` for
+    /// same-process peers); wait with [`Node::wait_writable`].
+    #[error("send to {peer:?}: {queue} is full (would block)")]
+    WouldBlock {
+        /// The peer.
+        peer: String,
+        /// Which bound was hit.
+        queue: &'static str,
+    },
+    /// The stream layer refused the message.
+    #[error("send to {peer:?}: {source}")]
+    Stream {
+        /// The peer.
+        peer: String,
+        /// The reason.
+        source: stream::SendError,
+    },
+    /// The node is stopping.
+    #[error("node stopped")]
+    Stopped,
+}
+
+/// Node-wide counters (lifetime totals).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Connections whose handshake completed.
+    pub connections_established: u64,
+    /// Connections that ended for any reason.
+    pub connections_closed: u64,
+    /// Connections closed because of bad frames.
+    pub closed_bad_frame: u64,
+    /// Bad frames received (all connections).
+    pub bad_frames: u64,
+    /// Connections refused at the handshake.
+    pub handshake_failures: u64,
+    /// Messages delivered to this node's application.
+    pub messages_received: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    established: AtomicU64,
+    closed: AtomicU64,
+    closed_bad_frame: AtomicU64,
+    bad_frames: AtomicU64,
+    handshake_failures: AtomicU64,
+    received: AtomicU64,
+}
+
+/// How a peer is reached.
+#[derive(Clone, Debug)]
+enum Route {
+    /// Through the stream layer on the peer's home shard.
+    Shard(usize),
+    /// Same process: straight into its queue.
+    Mem(std::sync::Weak<Shared>),
+}
+
+/// One message on its way from another thread to a shard.
+#[derive(Debug)]
+struct Outgoing {
+    to: Arc<str>,
+    stream_id: StreamId,
+    data: Bytes,
+    urgent: bool,
+}
+
+/// State shared by the handle and every shard.
+struct Shared {
+    name: Arc<str>,
+    incarnation: u64,
+    config: NodeConfig,
+    shards: Vec<ShardHandle>,
+    peers: RwLock<HashMap<Arc<str>, Route>>,
+    app_tx: Sender<Message>,
+    app_rx: Receiver<Message>,
+    /// A shard holds messages because the application queue was full.
+    app_blocked: AtomicBool,
+    send_queues: Vec<ArrayQueue<Outgoing>>,
+    /// Bumped whenever some window or queue frees space.
+    writable: (Mutex<u64>, Condvar),
+    /// Same-process senders waiting for room in this node's queue.
+    mem_waiters: Mutex<Vec<std::sync::Weak<Shared>>>,
+    mem_waiting: AtomicBool,
+    listening: Mutex<Vec<Address>>,
+    counters: Counters,
+    stopping: AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn home_shard(&self, name: &str) -> usize {
+        (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % self.shards.len() as u64) as usize
+    }
+
+    fn notify_writable(&self) {
+        let (lock, cvar) = &self.writable;
+        if let Ok(mut generation) = lock.lock() {
+            *generation += 1;
+            cvar.notify_all();
+        }
+    }
+
+    /// Hands a received message to the application; `Err` gives it back when
+    /// the queue is full (the caller holds it and retries later).
+    fn deliver(&self, message: Message) -> Result<(), Message> {
+        match self.app_tx.try_send(message) {
+            Ok(()) => {
+                self.counters.received.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(TrySendError::Full(message)) | Err(TrySendError::Disconnected(message)) => {
+                self.app_blocked.store(true, Ordering::Release);
+                Err(message)
+            }
+        }
+    }
+
+    /// The application took messages: wake whoever waits for room.
+    fn on_app_read(&self) {
+        if self.app_blocked.swap(false, Ordering::AcqRel) {
+            for shard in &self.shards {
+                shard.submit(shard::retry_delivery);
+            }
+        }
+        if self.mem_waiting.swap(false, Ordering::AcqRel) {
+            let waiters = self
+                .mem_waiters
+                .lock()
+                .map(|mut w| std::mem::take(&mut *w))
+                .unwrap_or_default();
+            for waiter in waiters.iter().filter_map(std::sync::Weak::upgrade) {
+                waiter.notify_writable();
+            }
+        }
+    }
+}
+
+/// A running node. Cheap to share (`Send + Sync`); stop it with
+/// [`Node::stop`] (dropping it stops it too).
+#[derive(Debug)]
+pub struct Node {
+    shared: Arc<Shared>,
+    runtime: Mutex<Option<Runtime>>,
+}
+
+impl Node {
+    /// Validates `config`, starts the shards and binds every listen address.
+    pub fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        config.validate()?;
+        let runtime = Runtime::start(&config.runtime)?;
+        let (app_tx, app_rx) = crossbeam_channel::bounded(config.recv_queue);
+        let shards = runtime.shards().to_vec();
+        let send_queues = shards.iter().map(|_| ArrayQueue::new(config.send_queue)).collect();
+        let shared = Arc::new(Shared {
+            name: Arc::from(config.name.as_str()),
+            incarnation: fastrand::u64(1..),
+            shards,
+            peers: RwLock::new(HashMap::new()),
+            app_tx,
+            app_rx,
+            app_blocked: AtomicBool::new(false),
+            send_queues,
+            writable: (Mutex::new(0), Condvar::new()),
+            mem_waiters: Mutex::new(Vec::new()),
+            mem_waiting: AtomicBool::new(false),
+            listening: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            stopping: AtomicBool::new(false),
+            config,
+        });
+        let node = Node {
+            shared: shared.clone(),
+            runtime: Mutex::new(Some(runtime)),
+        };
+        // Shard 0 first (it picks the ports), then the others.
+        let mut shard0: Option<Vec<Address>> = None;
+        for shard in &shared.shards {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let (shared_for_shard, index, ports) = (shared.clone(), shard.index(), shard0.clone());
+            shard.submit(move || {
+                let _ = tx.send(shard::install(shared_for_shard, index, ports));
+            });
+            let bound = match rx.recv() {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(NodeError::Runtime(RuntimeError::Wakeup {
+                        shard: shard.index(),
+                        source: std::io::Error::other("the shard stopped during start"),
+                    }));
+                }
+            };
+            if shard0.is_none() {
+                if let Ok(mut listening) = shared.listening.lock() {
+                    listening.extend(bound.iter().cloned());
+                }
+                shard0 = Some(bound);
+            }
+        }
+        mem::register(&shared);
+        Ok(node)
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The addresses actually bound (ports filled in).
+    pub fn listen_addresses(&self) -> Vec<Address> {
+        self.shared.listening.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Tells the node how to reach `peer`: it dials `address` now and redials
+    /// whenever the connection drops, until the node stops. Several routes to
+    /// one peer make several connections (one stream can use them all).
+    pub fn add_route(&self, peer: &str, address: Address) -> Result<(), SendError> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(SendError::Stopped);
+        }
+        let peer: Arc<str> = Arc::from(peer);
+        if let Address::Mem(name) = &address {
+            let target = mem::lookup(name).ok_or_else(|| SendError::UnknownPeer(format!("{peer} (mem://{name})")))?;
+            if let Ok(mut peers) = self.shared.peers.write() {
+                peers.insert(peer, Route::Mem(Arc::downgrade(&target)));
+            }
+            return Ok(());
+        }
+        let home = self.shared.home_shard(&peer);
+        if let Ok(mut peers) = self.shared.peers.write() {
+            peers.entry(peer.clone()).or_insert(Route::Shard(home));
+        }
+        self.shared.shards[home].submit(move || shard::dial(peer, address));
+        Ok(())
+    }
+
+    /// Queues `data` as one message on `stream_id` to `peer`. `WouldBlock`
+    /// when a bound is hit (see [`SendError::WouldBlock`]).
+    pub fn send(&self, peer: &str, stream_id: StreamId, data: Bytes) -> Result<(), SendError> {
+        self.send_with(peer, stream_id, data, false)
+    }
+
+    /// Like [`Node::send`], for frame-sync traffic: the stream is served
+    /// before any other on its connections, flushed at once, and runs in the
+    /// shard's latency task class.
+    pub fn send_urgent(&self, peer: &str, stream_id: StreamId, data: Bytes) -> Result<(), SendError> {
+        self.send_with(peer, stream_id, data, true)
+    }
+
+    fn send_with(&self, peer: &str, stream_id: StreamId, data: Bytes, urgent: bool) -> Result<(), SendError> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(SendError::Stopped);
+        }
+        if stream_id < 0 {
+            return Err(SendError::Stream {
+                peer: peer.to_string(),
+                source: stream::SendError::EmptyMessage { stream_id },
+            });
+        }
+        let route = self
+            .shared
+            .peers
+            .read()
+            .ok()
+            .and_then(|p| p.get_key_value(peer).map(|(k, r)| (k.clone(), r.clone())));
+        let Some((to, route)) = route else {
+            return Err(SendError::UnknownPeer(peer.to_string()));
+        };
+        match route {
+            Route::Mem(target) => mem::send(&self.shared, &target, peer, stream_id, data),
+            Route::Shard(home) => {
+                if data.is_empty() {
+                    return Err(SendError::Stream {
+                        peer: peer.to_string(),
+                        source: stream::SendError::EmptyMessage { stream_id },
+                    });
+                }
+                if let Some(result) = shard::send_local(&self.shared, home, &to, stream_id, data.clone(), urgent) {
+                    return result;
+                }
+                let outgoing = Outgoing {
+                    to,
+                    stream_id,
+                    data,
+                    urgent,
+                };
+                if self.shared.send_queues[home].push(outgoing).is_err() {
+                    return Err(SendError::WouldBlock {
+                        peer: peer.to_string(),
+                        queue: "send_queue",
+                    });
+                }
+                self.shared.shards[home].submit(shard::drain_send_queue);
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits until some queue or window frees space, or `timeout` passes.
+    /// Returns at once if space was freed since `since` (a value from
+    /// [`Node::writable_generation`]).
+    pub fn wait_writable(&self, since: u64, timeout: Duration) -> u64 {
+        let (lock, cvar) = &self.shared.writable;
+        let Ok(guard) = lock.lock() else {
+            return since;
+        };
+        let deadline = Instant::now() + timeout;
+        let mut guard = guard;
+        while *guard == since {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match cvar.wait_timeout(guard, left) {
+                Ok((g, _)) => guard = g,
+                Err(_) => return since,
+            }
+        }
+        *guard
+    }
+
+    /// Current writability generation (see [`Node::wait_writable`]).
+    pub fn writable_generation(&self) -> u64 {
+        self.shared.writable.0.lock().map(|g| *g).unwrap_or(0)
+    }
+
+    /// Sends, waiting while the way is full, up to `timeout` in total.
+    pub fn send_blocking(
+        &self,
+        peer: &str,
+        stream_id: StreamId,
+        data: Bytes,
+        timeout: Duration,
+    ) -> Result<(), SendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let generation = self.writable_generation();
+            match self.send(peer, stream_id, data.clone()) {
+                Err(SendError::WouldBlock { .. }) if Instant::now() < deadline => {
+                    self.wait_writable(generation, Duration::from_millis(50).min(deadline - Instant::now()));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The next received message, waiting up to `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Message> {
+        let message = self.shared.app_rx.recv_timeout(timeout).ok();
+        self.shared.on_app_read();
+        message
+    }
+
+    /// The next received message, if one is queued.
+    pub fn try_recv(&self) -> Option<Message> {
+        let message = self.shared.app_rx.try_recv().ok();
+        if message.is_some() {
+            self.shared.on_app_read();
+        }
+        message
+    }
+
+    /// Lifetime counters.
+    pub fn stats(&self) -> NodeStats {
+        let c = &self.shared.counters;
+        NodeStats {
+            connections_established: c.established.load(Ordering::Relaxed),
+            connections_closed: c.closed.load(Ordering::Relaxed),
+            closed_bad_frame: c.closed_bad_frame.load(Ordering::Relaxed),
+            bad_frames: c.bad_frames.load(Ordering::Relaxed),
+            handshake_failures: c.handshake_failures.load(Ordering::Relaxed),
+            messages_received: c.received.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Names of the peers with a live connection.
+    pub fn connected_peers(&self) -> Vec<String> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for shard in &self.shared.shards {
+            let tx = tx.clone();
+            shard.submit(move || {
+                let _ = tx.send(shard::connected_peers());
+            });
+        }
+        drop(tx);
+        let mut names: Vec<String> = rx.iter().take(self.shared.shards.len()).flatten().collect();
+        names.sort();
+        names
+    }
+
+    /// Stops gracefully: every connection is closed with SHUTDOWN after
+    /// what is queued was written (bounded by `linger`), then the shards stop.
+    pub fn stop(&self, linger: Duration) {
+        if self.shared.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        mem::unregister(&self.shared);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for shard in &self.shared.shards {
+            let tx = tx.clone();
+            shard.submit(move || shard::shutdown(linger, tx));
+        }
+        drop(tx);
+        for _ in 0..self.shared.shards.len() {
+            if rx.recv_timeout(linger + Duration::from_secs(1)).is_err() {
+                break;
+            }
+        }
+        if let Ok(mut runtime) = self.runtime.lock()
+            && let Some(mut runtime) = runtime.take()
+        {
+            runtime.stop();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,539 @@
+//! A node's state on one shard: endpoints (one per peer name, each a
+//! `stream::Session`), their connections' write buffers, and the timers.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::{Message, NodeError, Route, SendError, Shared};
+use crate::address::Address;
+use crate::frame::Encoder;
+use crate::proto::{Body, FrameMessage, PingData};
+use crate::runtime::{self, TaskClass};
+use crate::stream::{Event, PathConfig, PathId, Session, StreamId};
+
+thread_local! {
+    static LOCAL: RefCell<Option<Rc<ShardState>>> = const { RefCell::new(None) };
+}
+
+/// The shard state of the node running on this thread, if any.
+pub(super) fn local() -> Option<Rc<ShardState>> {
+    LOCAL.with(|l| l.borrow().clone())
+}
+
+pub(super) struct ShardState {
+    pub shared: Arc<Shared>,
+    pub index: usize,
+    pub encoder: Encoder,
+    endpoints: RefCell<HashMap<Arc<str>, Rc<Endpoint>>>,
+    next_path: Cell<u64>,
+    /// Messages the application queue had no room for, in arrival order.
+    undelivered: RefCell<VecDeque<Message>>,
+    pub stopping: Cell<bool>,
+    /// Wakes connection tasks at shutdown.
+    pub shutdown: super::conn::Notify,
+}
+
+impl ShardState {
+    pub fn next_path_id(&self) -> PathId {
+        let id = self.next_path.get();
+        self.next_path.set(id + 1);
+        PathId(id)
+    }
+
+    /// The endpoint of `peer`, made on first use.
+    pub fn endpoint(self: &Rc<Self>, peer: &Arc<str>) -> Rc<Endpoint> {
+        if let Some(endpoint) = self.endpoints.borrow().get(peer) {
+            return endpoint.clone();
+        }
+        let endpoint = Rc::new(Endpoint {
+            peer: peer.clone(),
+            state: RefCell::new(EndpointState {
+                session: Session::new(self.shared.config.stream.clone(), Instant::now()),
+                incarnation: None,
+                paths: HashMap::new(),
+                pending: VecDeque::new(),
+                urgent: Vec::new(),
+            }),
+            timer: super::conn::Notify::default(),
+            timer_running: Cell::new(false),
+        });
+        self.endpoints.borrow_mut().insert(peer.clone(), endpoint.clone());
+        if let Ok(mut peers) = self.shared.peers.write() {
+            peers.entry(peer.clone()).or_insert(Route::Shard(self.index));
+        }
+        endpoint
+    }
+
+    fn deliver(&self, message: Message) {
+        let mut undelivered = self.undelivered.borrow_mut();
+        if !undelivered.is_empty() {
+            undelivered.push_back(message);
+            return;
+        }
+        if let Err(message) = self.shared.deliver(message) {
+            undelivered.push_back(message);
+        }
+    }
+}
+
+/// Write side of one connection, kept by its endpoint so that any task that
+/// drives the session can encode frames for it.
+pub(super) struct PathIo {
+    /// Encoded frames not yet written (stream links).
+    pub out: BytesMut,
+    /// Encoded frames not yet written, one datagram each (datagram links).
+    pub datagrams: VecDeque<Bytes>,
+    pub datagram: bool,
+    pub writer: Option<Waker>,
+    /// Write what is buffered, then close.
+    pub closing: bool,
+    /// The connection is gone: the writer stops at once.
+    pub dead: bool,
+    /// Frames to encode for this path besides the session's (pings, pongs).
+    pub control: Vec<FrameMessage>,
+}
+
+impl PathIo {
+    pub fn new(datagram: bool) -> Self {
+        Self {
+            out: BytesMut::new(),
+            datagrams: VecDeque::new(),
+            datagram,
+            writer: None,
+            closing: false,
+            dead: false,
+            control: Vec::new(),
+        }
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.out.len() + self.datagrams.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    fn push_frame(&mut self, encoder: &Encoder, frame: &FrameMessage) {
+        match encoder.encode(frame, &mut self.out) {
+            Ok(_) if self.datagram => {
+                let datagram = self.out.split().freeze();
+                self.datagrams.push_back(datagram);
+            }
+            Ok(_) => {}
+            // Only an oversized frame fails, and the session cuts by MTU.
+            Err(e) => tracing::error!("cannot encode a frame: {e}"),
+        }
+    }
+
+    fn wake(&mut self) {
+        if let Some(waker) = self.writer.take() {
+            waker.wake();
+        }
+    }
+}
+
+pub(super) struct EndpointState {
+    pub session: Session,
+    pub incarnation: Option<u64>,
+    pub paths: HashMap<PathId, PathIo>,
+    /// Messages from the cross-thread queue the session had no room for.
+    pending: VecDeque<(StreamId, Bytes)>,
+    urgent: Vec<StreamId>,
+}
+
+/// One remote node.
+pub(super) struct Endpoint {
+    pub peer: Arc<str>,
+    pub state: RefCell<EndpointState>,
+    timer: super::conn::Notify,
+    timer_running: Cell<bool>,
+}
+
+impl Endpoint {
+    /// Adds a connection as a path of this endpoint's session.
+    pub fn add_path(
+        self: &Rc<Self>,
+        shard: &Rc<ShardState>,
+        id: PathId,
+        config: PathConfig,
+        datagram: bool,
+        incarnation: u64,
+    ) {
+        let mut st = self.state.borrow_mut();
+        if st.incarnation.is_some_and(|known| known != incarnation) {
+            tracing::info!(peer = %self.peer, "peer restarted: resending unacknowledged data from the start");
+            st.session.peer_restarted();
+        }
+        st.incarnation = Some(incarnation);
+        st.session.add_path(id, config);
+        st.paths.insert(id, PathIo::new(datagram));
+        drop(st);
+        if !self.timer_running.replace(true) {
+            runtime::spawn(TaskClass::Throughput, timer_task(shard.clone(), self.clone()));
+        }
+    }
+
+    /// Removes a dead connection: its unacknowledged data goes to the others.
+    pub fn remove_path(&self, id: PathId) {
+        let mut st = self.state.borrow_mut();
+        st.session.remove_path(id);
+        if let Some(mut path) = st.paths.remove(&id) {
+            path.dead = true;
+            path.wake();
+        }
+    }
+
+    pub fn has_paths(&self) -> bool {
+        !self.state.borrow().paths.is_empty()
+    }
+
+    /// Queues a control frame (ping / pong) on a path.
+    pub fn push_control(&self, id: PathId, frame: FrameMessage) {
+        if let Some(path) = self.state.borrow_mut().paths.get_mut(&id) {
+            path.control.push(frame);
+        }
+    }
+
+    /// Runs the session after input: timers, transmits into the paths' write
+    /// buffers, events to the application.
+    pub fn drive(&self, shard: &ShardState) {
+        let now = Instant::now();
+        let mut writable = false;
+        {
+            let mut st = self.state.borrow_mut();
+            let st = &mut *st;
+            if st.session.poll_timeout().is_some_and(|t| t <= now) {
+                st.session.handle_timeout(now);
+            }
+            while let Some((stream_id, data)) = st.pending.front().cloned() {
+                if st.session.send(stream_id, data).is_err() {
+                    break;
+                }
+                st.pending.pop_front();
+                writable = true;
+            }
+            let batch = shard.shared.config.write_batch;
+            for path in st.paths.values_mut() {
+                for frame in std::mem::take(&mut path.control) {
+                    path.push_frame(&shard.encoder, &frame);
+                }
+            }
+            while let Some(transmit) = st.session.poll_transmit(now) {
+                let id = transmit.path();
+                let Some(path) = st.paths.get_mut(&id) else {
+                    continue;
+                };
+                path.push_frame(&shard.encoder, &transmit.into_frame());
+                if path.buffered() >= batch {
+                    st.session.set_path_blocked(id, true);
+                }
+            }
+            for path in st.paths.values_mut() {
+                if path.buffered() > 0 || path.closing {
+                    path.wake();
+                }
+            }
+            while let Some(event) = st.session.poll_event() {
+                match event {
+                    Event::Message { stream_id, data } => shard.deliver(Message {
+                        from: self.peer.clone(),
+                        stream_id,
+                        data,
+                    }),
+                    Event::Writable { .. } => writable = true,
+                    Event::PathClosed { path, reason } => {
+                        tracing::info!(peer = %self.peer, ?path, ?reason, "peer closed the connection");
+                        if let Some(path) = st.paths.get_mut(&path) {
+                            path.closing = true;
+                            path.wake();
+                        }
+                    }
+                    Event::Finished { .. } | Event::SendFinished { .. } => {}
+                }
+            }
+        }
+        if writable {
+            shard.shared.notify_writable();
+        }
+        self.timer.notify();
+    }
+
+    /// Queues a message; `WouldBlock` when the stream window is full.
+    fn send(&self, stream_id: StreamId, data: Bytes, urgent: bool) -> Result<(), crate::stream::SendError> {
+        let mut st = self.state.borrow_mut();
+        if urgent && !st.urgent.contains(&stream_id) {
+            st.urgent.push(stream_id);
+            st.session.set_stream_urgent(stream_id, true);
+        }
+        if !st.pending.is_empty() {
+            return Err(crate::stream::SendError::WouldBlock {
+                stream_id,
+                window: st.session.config().send_window,
+            });
+        }
+        st.session.send(stream_id, data)
+    }
+
+    /// Closes every path with `reason` (a FINISH_CONNECTION goes out first).
+    pub fn close_all(&self, reason: crate::proto::CloseReasonData) {
+        let mut st = self.state.borrow_mut();
+        let ids: Vec<PathId> = st.paths.keys().copied().collect();
+        for id in ids {
+            st.session.close_path(id, reason.clone());
+            if let Some(path) = st.paths.get_mut(&id) {
+                path.closing = true;
+            }
+        }
+    }
+}
+
+/// Runs the endpoint's session timers.
+async fn timer_task(shard: Rc<ShardState>, endpoint: Rc<Endpoint>) {
+    loop {
+        if shard.stopping.get() {
+            break;
+        }
+        let deadline = endpoint.state.borrow().session.poll_timeout();
+        let wait = deadline.map_or(Duration::from_secs(1), |d| d.saturating_duration_since(Instant::now()));
+        if !wait.is_zero() {
+            futures_lite::future::or(glommio::timer::sleep(wait), endpoint.timer.notified()).await;
+        }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            endpoint.drive(&shard);
+        }
+    }
+}
+
+/// Sets up the node on the current shard and binds its listeners here.
+pub(super) fn install(
+    shared: Arc<Shared>,
+    index: usize,
+    tcp_ports: Option<Vec<Address>>,
+) -> Result<Vec<Address>, NodeError> {
+    let state = Rc::new(ShardState {
+        encoder: Encoder::new(shared.config.frame.clone()),
+        shared,
+        index,
+        endpoints: RefCell::new(HashMap::new()),
+        next_path: Cell::new(1),
+        undelivered: RefCell::new(VecDeque::new()),
+        stopping: Cell::new(false),
+        shutdown: super::conn::Notify::default(),
+    });
+    LOCAL.with(|l| *l.borrow_mut() = Some(state.clone()));
+    // Shard 0 binds every listen address; the other shards bind the TCP
+    // ones again (SO_REUSEPORT: the kernel spreads connections), on the
+    // ports shard 0 got. Unix and UDP listeners stay on shard 0.
+    let addresses: Vec<Address> = match &tcp_ports {
+        None => state
+            .shared
+            .config
+            .listen
+            .iter()
+            .filter(|a| !matches!(a, Address::Mem(_)))
+            .cloned()
+            .collect(),
+        Some(bound) => bound
+            .iter()
+            .filter(|a| matches!(a, Address::Tcp { .. }))
+            .cloned()
+            .collect(),
+    };
+    let mut bound = Vec::new();
+    for address in addresses {
+        let listener = crate::transport::Listener::bind(&address).map_err(|e| NodeError::Listen {
+            address: address.clone(),
+            reason: e.to_string(),
+        })?;
+        let local = listener.local_address(&address);
+        bound.push(local.clone());
+        runtime::spawn(
+            TaskClass::Throughput,
+            super::conn::listen(state.clone(), listener, local),
+        );
+    }
+    Ok(bound)
+}
+
+/// Dials `address` for `peer` from this shard, and keeps redialling.
+pub(super) fn dial(peer: Arc<str>, address: Address) {
+    if let Some(state) = local() {
+        runtime::spawn(TaskClass::Throughput, super::conn::dial_loop(state, peer, address));
+    }
+}
+
+/// Takes over a connection another shard accepted for a peer homed here.
+pub(super) fn adopt(
+    handoff: crate::transport::Handoff,
+    hello: crate::proto::HandshakeData,
+    leftover: Bytes,
+    origin: String,
+) {
+    let Some(state) = local() else {
+        return;
+    };
+    runtime::spawn(TaskClass::Throughput, async move {
+        match handoff.adopt().await {
+            Ok(connected) => super::conn::adopted(state, connected, hello, leftover, origin).await,
+            Err(e) => tracing::warn!("cannot adopt connection {origin}: {e}"),
+        }
+    });
+}
+
+/// Direct send when the caller runs on the peer's home shard.
+pub(super) fn send_local(
+    shared: &Arc<Shared>,
+    home: usize,
+    to: &Arc<str>,
+    stream_id: StreamId,
+    data: Bytes,
+    urgent: bool,
+) -> Option<Result<(), SendError>> {
+    let state = local().filter(|s| Arc::ptr_eq(&s.shared, shared) && s.index == home)?;
+    let endpoint = state.endpoint(to);
+    let result = endpoint.send(stream_id, data, urgent).map_err(|e| match e {
+        crate::stream::SendError::WouldBlock { .. } => SendError::WouldBlock {
+            peer: to.to_string(),
+            queue: "stream send_window",
+        },
+        source => SendError::Stream {
+            peer: to.to_string(),
+            source,
+        },
+    });
+    if result.is_ok() {
+        endpoint.drive(&state);
+    }
+    Some(result)
+}
+
+/// Moves messages from the cross-thread queue into their sessions.
+pub(super) fn drain_send_queue() {
+    let Some(state) = local() else {
+        return;
+    };
+    let queue = &state.shared.send_queues[state.index];
+    let mut touched: Vec<Rc<Endpoint>> = Vec::new();
+    let mut freed = false;
+    while let Some(outgoing) = queue.pop() {
+        freed = true;
+        let endpoint = state.endpoint(&outgoing.to);
+        match endpoint.send(outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
+            Ok(()) => {}
+            Err(crate::stream::SendError::WouldBlock { .. }) => {
+                // Accepted already: held until the window opens.
+                endpoint
+                    .state
+                    .borrow_mut()
+                    .pending
+                    .push_back((outgoing.stream_id, outgoing.data));
+            }
+            Err(e) => tracing::warn!(peer = %outgoing.to, "message refused by the stream layer: {e}"),
+        }
+        if !touched.iter().any(|t| Rc::ptr_eq(t, &endpoint)) {
+            touched.push(endpoint);
+        }
+    }
+    for endpoint in touched {
+        endpoint.drive(&state);
+    }
+    if freed {
+        state.shared.notify_writable();
+    }
+}
+
+/// The application made room: hand over held messages, then let sessions
+/// deliver again.
+pub(super) fn retry_delivery() {
+    let Some(state) = local() else {
+        return;
+    };
+    {
+        let mut undelivered = state.undelivered.borrow_mut();
+        while let Some(message) = undelivered.pop_front() {
+            if let Err(message) = state.shared.deliver(message) {
+                undelivered.push_front(message);
+                return;
+            }
+        }
+    }
+    let endpoints: Vec<Rc<Endpoint>> = state.endpoints.borrow().values().cloned().collect();
+    for endpoint in endpoints {
+        endpoint.drive(&state);
+    }
+}
+
+pub(super) fn connected_peers() -> Vec<String> {
+    let Some(state) = local() else {
+        return Vec::new();
+    };
+    state
+        .endpoints
+        .borrow()
+        .values()
+        .filter(|e| e.has_paths())
+        .map(|e| e.peer.to_string())
+        .collect()
+}
+
+/// Graceful stop on this shard: close every connection with SHUTDOWN after
+/// flushing, wait up to `linger`, then report.
+pub(super) fn shutdown(linger: Duration, done: crossbeam_channel::Sender<()>) {
+    let Some(state) = local() else {
+        let _ = done.send(());
+        return;
+    };
+    runtime::spawn(TaskClass::Throughput, async move {
+        let deadline = Instant::now() + linger;
+        // Let queued data drain first.
+        loop {
+            let endpoints: Vec<Rc<Endpoint>> = state.endpoints.borrow().values().cloned().collect();
+            let busy = endpoints.iter().any(|e| {
+                let st = e.state.borrow();
+                !st.paths.is_empty() && (!st.session.is_drained() || !st.pending.is_empty())
+            });
+            if !busy || Instant::now() >= deadline {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        let reason = crate::proto::CloseReasonData {
+            code: crate::proto::AtbusCloseReason::Shutdown as i32,
+            message: "node stopping".into(),
+        };
+        let endpoints: Vec<Rc<Endpoint>> = state.endpoints.borrow().values().cloned().collect();
+        for endpoint in &endpoints {
+            endpoint.close_all(reason.clone());
+            endpoint.drive(&state);
+        }
+        // Give the writers a moment to send the close packets.
+        let close_deadline = Instant::now() + Duration::from_millis(100).min(linger);
+        while endpoints.iter().any(|e| e.has_paths()) && Instant::now() < close_deadline {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        state.stopping.set(true);
+        state.shutdown.notify();
+        LOCAL.with(|l| *l.borrow_mut() = None);
+        let _ = done.send(());
+    });
+}
+
+/// A ping frame carrying `now` (µs since `epoch`).
+pub(super) fn ping_frame(epoch: Instant, pong: bool, echo: Option<i64>) -> FrameMessage {
+    let timepoint = echo.unwrap_or_else(|| i64::try_from(epoch.elapsed().as_micros()).unwrap_or(i64::MAX));
+    let data = PingData {
+        timepoint_microseconds: timepoint,
+    };
+    FrameMessage {
+        head: None,
+        body: Some(if pong { Body::Pong(data) } else { Body::Ping(data) }),
+    }
+}
+
+pub(super) fn is_stopping(state: &ShardState) -> bool {
+    state.stopping.get() || state.shared.stopping.load(Ordering::Acquire) && state.shutdown.is_set()
+}

@@ -1,0 +1,389 @@
+//! Thread-per-core shards: one glommio `LocalExecutor` per shard, pinned to
+//! its core, with a lock-free inbox for work coming from other threads.
+//!
+//! ```text
+//!   any thread ──submit(job)──► SegQueue ──(1 byte on a socketpair, only
+//!                                            when the shard may be parked)──►
+//!   shard thread: inbox task drains the queue and runs each job in place
+//! ```
+//!
+//! A shard owns what runs on it (listeners, connections, endpoints); nothing
+//! migrates between shards. Two task queues per shard: [`TaskClass::Latency`]
+//! (glommio `Latency::Matters`) for frame-sync traffic and
+//! [`TaskClass::Throughput`] for bulk work.
+//!
+//! Memory: glommio registers `3 × io_memory` of locked memory per executor
+//! (default 10 MiB each). This machine's `RLIMIT_MEMLOCK` is 8 MiB, so the
+//! default here is 512 KiB (1.5 MiB locked per shard): the runtime starts as
+//! an ordinary user. Network IO does not use that memory; only file IO does.
+
+use std::io::{self, Write};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_queue::SegQueue;
+use futures_lite::AsyncReadExt;
+use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
+
+/// A unit of work run on a shard's thread.
+pub type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Runtime settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Number of shards; 0 means one per available core.
+    pub shards: usize,
+    /// Pin each shard to one core (core `first_core + index`, wrapping).
+    pub pin: bool,
+    /// Core of shard 0 when pinning.
+    pub first_core: usize,
+    /// glommio io memory per shard (3 × this is locked); see the module docs.
+    pub io_memory: usize,
+    /// io_uring submission depth.
+    pub ring_depth: usize,
+    /// Busy-poll this long before parking (lower latency, burns CPU).
+    pub spin_before_park: Option<Duration>,
+    /// How long the latency task queue may wait before it preempts others.
+    pub latency_budget: Duration,
+    /// Thread name prefix.
+    pub name: String,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            shards: 0,
+            pin: true,
+            first_core: 0,
+            io_memory: 512 * 1024,
+            ring_depth: 128,
+            spin_before_park: None,
+            latency_budget: Duration::from_micros(200),
+            name: "atbus".to_string(),
+        }
+    }
+}
+
+/// Why the runtime did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// The executor could not be created (io_uring setup, memlock limit...).
+    #[error(
+        "shard {shard}: cannot start the glommio executor: {source} (io_memory {io_memory} B locks 3x that; check RLIMIT_MEMLOCK)"
+    )]
+    Executor {
+        /// The shard.
+        shard: usize,
+        /// Configured io memory.
+        io_memory: usize,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A socketpair for the wake-up channel could not be made.
+    #[error("shard {shard}: cannot create the wake-up socketpair: {source}")]
+    Wakeup {
+        /// The shard.
+        shard: usize,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+/// Which of a shard's two task queues a task runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TaskClass {
+    /// Frame-sync traffic: scheduled first, preempts bulk work.
+    Latency,
+    /// Bulk traffic and everything else.
+    Throughput,
+}
+
+/// The inbox of one shard, shared with every thread that submits to it.
+struct Inbox {
+    jobs: SegQueue<Job>,
+    /// Set when a wake-up byte is in flight or the shard is draining.
+    notified: AtomicBool,
+    stopping: AtomicBool,
+    waker: StdUnixStream,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("jobs", &self.jobs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbox {
+    fn push(&self, job: Job) {
+        self.jobs.push(job);
+        // One byte per sleep: if a byte is already pending (or the shard is
+        // draining and will look again), skip the syscall.
+        if !self.notified.swap(true, Ordering::AcqRel) {
+            // A full socket buffer means bytes are pending: the shard wakes anyway.
+            let _ = (&self.waker).write(&[1]);
+        }
+    }
+}
+
+/// A handle to one shard, usable from any thread.
+#[derive(Clone, Debug)]
+pub struct ShardHandle {
+    index: usize,
+    inbox: Arc<Inbox>,
+}
+
+impl ShardHandle {
+    /// The shard's index in its runtime.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Runs `job` on the shard's thread, soon. Jobs from one thread run in
+    /// the order they were submitted.
+    pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
+        self.inbox.push(Box::new(job));
+    }
+}
+
+thread_local! {
+    static CURRENT: std::cell::RefCell<Option<ShardContext>> = const { std::cell::RefCell::new(None) };
+}
+
+/// What code running on a shard can ask about the shard it runs on.
+#[derive(Clone, Debug)]
+pub struct ShardContext {
+    /// The shard's index.
+    pub index: usize,
+    /// Task queue of [`TaskClass::Latency`].
+    pub latency: TaskQueueHandle,
+    /// Task queue of [`TaskClass::Throughput`].
+    pub throughput: TaskQueueHandle,
+}
+
+impl ShardContext {
+    /// The shard the calling thread runs, if any.
+    pub fn current() -> Option<ShardContext> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// The task queue for a class.
+    pub fn queue(&self, class: TaskClass) -> TaskQueueHandle {
+        match class {
+            TaskClass::Latency => self.latency,
+            TaskClass::Throughput => self.throughput,
+        }
+    }
+}
+
+/// Spawns a detached task on the current shard in the given class.
+///
+/// # Panics
+/// Outside a shard thread.
+pub fn spawn(class: TaskClass, future: impl std::future::Future<Output = ()> + 'static) {
+    let queue = ShardContext::current().map(|c| c.queue(class));
+    let task = match queue {
+        Some(queue) => glommio::spawn_local_into(future, queue),
+        None => Ok(glommio::spawn_local(future)),
+    };
+    match task {
+        Ok(task) => {
+            task.detach();
+        }
+        // Only fails for a queue of another executor; ours are local.
+        Err(e) => tracing::error!("spawn failed: {e}"),
+    }
+}
+
+/// N pinned shards.
+#[derive(Debug)]
+pub struct Runtime {
+    shards: Vec<ShardHandle>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Runtime {
+    /// Starts the shards; returns once every executor runs.
+    pub fn start(config: &RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let count = match config.shards {
+            0 => cores.len().max(1),
+            n => n,
+        };
+        let mut runtime = Runtime {
+            shards: Vec::with_capacity(count),
+            threads: Vec::with_capacity(count),
+        };
+        for index in 0..count {
+            let (waker, wake_rx) =
+                StdUnixStream::pair().map_err(|source| RuntimeError::Wakeup { shard: index, source })?;
+            waker
+                .set_nonblocking(true)
+                .and_then(|()| wake_rx.set_nonblocking(true))
+                .map_err(|source| RuntimeError::Wakeup { shard: index, source })?;
+            let inbox = Arc::new(Inbox {
+                jobs: SegQueue::new(),
+                notified: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
+                waker,
+            });
+            let placement = match (config.pin, cores.is_empty()) {
+                (true, false) => Placement::Fixed(cores[(config.first_core + index) % cores.len()].id),
+                _ => Placement::Unbound,
+            };
+            let mut builder = LocalExecutorBuilder::new(placement)
+                .name(&format!("{}-{index}", config.name))
+                .io_memory(config.io_memory)
+                .ring_depth(config.ring_depth);
+            if let Some(spin) = config.spin_before_park {
+                builder = builder.spin_before_park(spin);
+            }
+            let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), io::Error>>(1);
+            let shard_inbox = inbox.clone();
+            let latency_budget = config.latency_budget;
+            let spawned = builder.spawn(move || async move {
+                shard_main(index, shard_inbox, wake_rx, latency_budget, ready_tx).await;
+            });
+            let handle = match spawned {
+                Ok(handle) => handle,
+                Err(e) => {
+                    runtime.stop();
+                    return Err(RuntimeError::Executor {
+                        shard: index,
+                        io_memory: config.io_memory,
+                        source: io::Error::other(e.to_string()),
+                    });
+                }
+            };
+            let started = ready_rx
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("executor thread exited during start")));
+            let thread = std::thread::spawn(move || {
+                if let Err(e) = handle.join() {
+                    tracing::error!("shard {index} ended with an error: {e}");
+                }
+            });
+            runtime.shards.push(ShardHandle { index, inbox });
+            runtime.threads.push(thread);
+            if let Err(source) = started {
+                runtime.stop();
+                return Err(RuntimeError::Executor {
+                    shard: index,
+                    io_memory: config.io_memory,
+                    source,
+                });
+            }
+        }
+        Ok(runtime)
+    }
+
+    /// The shards.
+    pub fn shards(&self) -> &[ShardHandle] {
+        &self.shards
+    }
+
+    /// Shard `index` (modulo the shard count).
+    pub fn shard(&self, index: usize) -> &ShardHandle {
+        &self.shards[index % self.shards.len()]
+    }
+
+    /// Stops every shard after the jobs already submitted, and joins them.
+    /// Tasks still running on a shard are dropped.
+    pub fn stop(&mut self) {
+        for shard in &self.shards {
+            shard.inbox.stopping.store(true, Ordering::Release);
+            shard.inbox.push(Box::new(|| {}));
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn shard_main(
+    index: usize,
+    inbox: Arc<Inbox>,
+    wake_rx: StdUnixStream,
+    latency_budget: Duration,
+    ready: crossbeam_channel::Sender<Result<(), io::Error>>,
+) {
+    let executor = glommio::executor();
+    let latency = executor.create_task_queue(Shares::Static(1000), Latency::Matters(latency_budget), "latency");
+    let throughput = executor.create_task_queue(Shares::Static(1000), Latency::NotImportant, "throughput");
+    CURRENT.with(|c| {
+        *c.borrow_mut() = Some(ShardContext {
+            index,
+            latency,
+            throughput,
+        })
+    });
+    // SAFETY: the fd comes from a socketpair we own and hand over here.
+    let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(wake_rx.into_raw_fd()) };
+    let _ = ready.send(Ok(()));
+    let mut buf = [0u8; 256];
+    loop {
+        // Clear before draining: a push after this point sends a new byte.
+        inbox.notified.store(false, Ordering::Release);
+        while let Some(job) = inbox.jobs.pop() {
+            job();
+        }
+        if inbox.stopping.load(Ordering::Acquire) {
+            break;
+        }
+        match wake.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!("shard {index}: wake-up socket failed: {e}");
+                break;
+            }
+        }
+    }
+    CURRENT.with(|c| *c.borrow_mut() = None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_run_on_their_shard_in_order() {
+        let config = RuntimeConfig {
+            shards: 2,
+            pin: false,
+            ..RuntimeConfig::default()
+        };
+        let runtime = Runtime::start(&config).expect("runtime starts under the default memlock limit");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for i in 0..1000 {
+            let tx = tx.clone();
+            runtime.shard(i % 2).submit(move || {
+                let shard = ShardContext::current().map(|c| c.index);
+                let _ = tx.send((i, shard));
+            });
+        }
+        let mut last = [None::<usize>; 2];
+        for _ in 0..1000 {
+            let (i, shard) = rx.recv_timeout(Duration::from_secs(5)).expect("job ran");
+            assert_eq!(shard, Some(i % 2));
+            assert!(
+                last[i % 2].is_none_or(|prev| prev < i),
+                "jobs of one submitter run in order"
+            );
+            last[i % 2] = Some(i);
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! How bytes move: TCP, Unix and UDP sockets on the shard's glommio reactor,
+//! behind one small trait, [`Link`]. (`mem://` needs no socket: the node hands
+//! payloads to the peer's shard directly.)
+//!
+//! A [`Link`] is either a byte stream (tcp, unix: frames are cut by the
+//! streaming decoder) or datagrams (udp: one frame per datagram). A link is
+//! shared by its connection's reader and writer tasks, so its methods take
+//! `&self`; it lives on one shard and never moves.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::path::Path;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::address::Address;
+
+/// One connected link, as the connection layer drives it.
+#[allow(async_fn_in_trait)] // shards are single-threaded: no Send bound wanted
+pub trait Link: 'static {
+    /// Whether each `recv` / `send` is one whole datagram.
+    fn is_datagram(&self) -> bool;
+    /// Reads bytes (stream) or one datagram into `buf`; `Ok(0)` on a stream
+    /// means the peer closed it.
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes some of `buf` (stream) or all of it as one datagram.
+    async fn send(&self, buf: &[u8]) -> io::Result<usize>;
+    /// Half-closes the sending side (streams); nothing for datagrams.
+    async fn shutdown(&self);
+    /// The remote address, for logs.
+    fn peer(&self) -> String;
+    /// What another shard needs to take this connection over (see
+    /// [`Handoff`]); the link must be dropped here without shutting it down.
+    fn handoff(&self) -> io::Result<Handoff>;
+}
+
+/// A connection on its way to another shard: the socket itself (stream
+/// links, a duplicated descriptor) or how to make a connected socket that
+/// takes over the peer's datagrams (UDP, through SO_REUSEPORT).
+#[derive(Debug)]
+pub enum Handoff {
+    /// A TCP socket.
+    Tcp(OwnedFd, String),
+    /// A Unix stream socket.
+    Unix(OwnedFd, String),
+    /// A UDP peer of a listening socket.
+    Udp {
+        /// The listener's address.
+        local: SocketAddr,
+        /// The peer.
+        peer: SocketAddr,
+    },
+}
+
+impl Handoff {
+    /// Rebuilds the link on the current shard.
+    pub async fn adopt(self) -> io::Result<Connected> {
+        match self {
+            // SAFETY: the descriptor is owned and moved in.
+            Handoff::Tcp(fd, peer) => Ok(Connected::Tcp(StreamLink::new(
+                unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) },
+                peer,
+            ))),
+            // SAFETY: as above.
+            Handoff::Unix(fd, peer) => Ok(Connected::Unix(StreamLink::new(
+                unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) },
+                peer,
+            ))),
+            Handoff::Udp { local, peer } => {
+                let socket = udp_socket(local)?;
+                socket.connect(peer).await.map_err(io::Error::from)?;
+                Ok(Connected::Udp(UdpLink {
+                    socket: Rc::new(socket),
+                    peer,
+                    inbox: None,
+                }))
+            }
+        }
+    }
+}
+
+/// Kernel buffer asked for each UDP socket (both directions). Loopback bursts
+/// of 548-byte datagrams overflow the 208 KiB default at once; the kernel caps
+/// the request at `net.core.rmem_max` / `wmem_max`.
+pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A UDP socket bound to `local`, with SO_REUSEADDR and SO_REUSEPORT (a
+/// connected socket of another shard takes over one peer's datagrams from the
+/// listening socket) and [`UDP_SOCKET_BUFFER`] buffers.
+fn udp_socket(local: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    // Best effort: a smaller buffer only means more resends.
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    socket.bind(&local.into())?;
+    // SAFETY: the descriptor is a fresh, owned, non-blocking UDP socket whose
+    // ownership moves into glommio's socket.
+    Ok(unsafe { UdpSocket::from_raw_fd(socket.into_raw_fd()) })
+}
+
+fn dup_fd(fd: &impl AsFd) -> io::Result<OwnedFd> {
+    fd.as_fd().try_clone_to_owned()
+}
+
+/// A byte-stream socket (TCP or Unix) shared by two tasks. Borrows last one
+/// poll each, so the reader and writer never hold it at the same time.
+pub struct StreamLink<S> {
+    socket: RefCell<S>,
+    peer: String,
+}
+
+impl<S> StreamLink<S> {
+    /// Wraps a connected socket.
+    pub fn new(socket: S, peer: String) -> Self {
+        Self {
+            socket: RefCell::new(socket),
+            peer,
+        }
+    }
+}
+
+/// Which [`Handoff`] a stream socket makes.
+pub trait StreamKind: AsRawFd {}
+
+impl StreamKind for TcpStream {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLink<S> {
+    fn is_datagram(&self) -> bool {
+        false
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_read(cx, buf)).await
+    }
+
+    async fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_write(cx, buf)).await
+    }
+
+    async fn shutdown(&self) {
+        let _ = std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_close(cx)).await;
+    }
+
+    fn peer(&self) -> String {
+        self.peer.clone()
+    }
+
+    fn handoff(&self) -> io::Result<Handoff> {
+        let socket = self.socket.borrow();
+        // SAFETY: the descriptor is valid while `socket` is borrowed.
+        let fd = dup_fd(&unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) })?;
+        Ok(if self.peer.starts_with("unix:") {
+            Handoff::Unix(fd, self.peer.clone())
+        } else {
+            Handoff::Tcp(fd, self.peer.clone())
+        })
+    }
+}
+
+/// A UDP link: either a socket connected to one peer (the dialling side), or
+/// one peer of a listening socket, fed by the listener's demultiplexer.
+pub struct UdpLink {
+    socket: Rc<UdpSocket>,
+    peer: SocketAddr,
+    /// Datagrams for this peer when the socket is shared (listening side).
+    inbox: Option<LocalReceiver<Vec<u8>>>,
+}
+
+impl Link for UdpLink {
+    fn is_datagram(&self) -> bool {
+        true
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match &self.inbox {
+            None => self.socket.recv(buf).await.map_err(io::Error::from),
+            Some(inbox) => {
+                let datagram = inbox
+                    .recv()
+                    .await
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::ConnectionAborted, "udp listener closed"))?;
+                let n = datagram.len().min(buf.len());
+                buf[..n].copy_from_slice(&datagram[..n]);
+                Ok(n)
+            }
+        }
+    }
+
+    async fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        let sent = match self.inbox {
+            None => self.socket.send(buf).await,
+            Some(_) => self.socket.send_to(buf, self.peer).await,
+        };
+        sent.map_err(io::Error::from)
+    }
+
+    async fn shutdown(&self) {}
+
+    fn peer(&self) -> String {
+        format!("udp://{}", self.peer)
+    }
+
+    fn handoff(&self) -> io::Result<Handoff> {
+        Ok(Handoff::Udp {
+            local: self.socket.local_addr().map_err(io::Error::from)?,
+            peer: self.peer,
+        })
+    }
+}
+
+/// A connected link of any transport.
+pub enum Connected {
+    /// TCP.
+    Tcp(StreamLink<TcpStream>),
+    /// Unix stream socket (see [`unix_stream`] for why it is a `TcpStream`).
+    Unix(StreamLink<TcpStream>),
+    /// UDP.
+    Udp(UdpLink),
+}
+
+/// Resolves `host:port` to one socket address (the first the resolver gives).
+pub fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
+    (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host}:{port} resolves to nothing")))
+}
+
+/// Dials `address`, giving up after `timeout`.
+pub async fn connect(address: &Address, timeout: Duration) -> io::Result<Connected> {
+    match address {
+        Address::Tcp { host, port } => {
+            let addr = resolve(host, *port)?;
+            let stream = TcpStream::connect_timeout(addr, timeout)
+                .await
+                .map_err(|e| map_glommio(e, address))?;
+            stream.set_nodelay(true)?;
+            Ok(Connected::Tcp(StreamLink::new(stream, address.to_string())))
+        }
+        Address::Unix(path) => {
+            // Local and immediate: a blocking connect cannot stall the shard.
+            let std_stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| annotate(e, address))?;
+            Ok(Connected::Unix(StreamLink::new(
+                unix_stream(std_stream)?,
+                address.to_string(),
+            )))
+        }
+        Address::UnixAbstract(name) => {
+            let std_stream = std::os::unix::net::UnixStream::connect_addr(&abstract_addr(name)?)
+                .map_err(|e| annotate(e, address))?;
+            Ok(Connected::Unix(StreamLink::new(
+                unix_stream(std_stream)?,
+                address.to_string(),
+            )))
+        }
+        Address::Udp { host, port } => {
+            let addr = resolve(host, *port)?;
+            let local: SocketAddr = if addr.is_ipv6() {
+                "[::]:0".parse().map_err(io::Error::other)?
+            } else {
+                "0.0.0.0:0".parse().map_err(io::Error::other)?
+            };
+            let socket = udp_socket(local).map_err(|e| annotate(e, address))?;
+            socket.connect(addr).await.map_err(|e| map_glommio(e, address))?;
+            Ok(Connected::Udp(UdpLink {
+                socket: Rc::new(socket),
+                peer: addr,
+                inbox: None,
+            }))
+        }
+        Address::Quic { .. } | Address::Mem(_) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("{address}: not a socket transport of this build"),
+        )),
+    }
+}
+
+fn abstract_addr(name: &str) -> io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+}
+
+/// A connected Unix stream socket on the shard's reactor.
+///
+/// glommio's `TcpStream` is a thin io_uring wrapper over any connected
+/// stream socket (recv, send, shutdown): we use it for `AF_UNIX` as well,
+/// because glommio's `UnixStream` does not expose its descriptor, which a
+/// connection needs to move to its peer's home shard.
+fn unix_stream(std_stream: std::os::unix::net::UnixStream) -> io::Result<TcpStream> {
+    std_stream.set_nonblocking(true)?;
+    // SAFETY: the descriptor is owned and moved in.
+    Ok(unsafe { TcpStream::from_raw_fd(std_stream.into_raw_fd()) })
+}
+
+/// A listening Unix socket on the shard's reactor (accepts with io_uring;
+/// see [`unix_stream`]).
+fn unix_listener(std_listener: std::os::unix::net::UnixListener) -> io::Result<TcpListener> {
+    std_listener.set_nonblocking(true)?;
+    // SAFETY: the descriptor is owned and moved in.
+    Ok(unsafe { TcpListener::from_raw_fd(std_listener.into_raw_fd()) })
+}
+
+fn annotate(e: io::Error, address: &Address) -> io::Error {
+    io::Error::new(e.kind(), format!("{address}: {e}"))
+}
+
+fn map_glommio(e: glommio::GlommioError<()>, address: &Address) -> io::Error {
+    let e = io::Error::from(e);
+    io::Error::new(e.kind(), format!("{address}: {e}"))
+}
+
+/// A bound listener.
+pub enum Listener {
+    /// TCP (SO_REUSEPORT: every shard may bind the same port).
+    Tcp(TcpListener),
+    /// Unix stream socket (see [`unix_stream`]).
+    Unix(TcpListener),
+    /// UDP: one socket, peers told apart by source address.
+    Udp(Rc<UdpSocket>),
+}
+
+impl Listener {
+    /// Binds `address` on the current shard.
+    pub fn bind(address: &Address) -> io::Result<Listener> {
+        match address {
+            Address::Tcp { host, port } => {
+                let addr = resolve(host, *port)?;
+                TcpListener::bind(addr)
+                    .map(Listener::Tcp)
+                    .map_err(|e| map_glommio(e, address))
+            }
+            Address::Unix(path) => {
+                remove_stale_socket(path);
+                let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| annotate(e, address))?;
+                unix_listener(listener).map(Listener::Unix)
+            }
+            Address::UnixAbstract(name) => {
+                let listener = std::os::unix::net::UnixListener::bind_addr(&abstract_addr(name)?)
+                    .map_err(|e| annotate(e, address))?;
+                unix_listener(listener).map(Listener::Unix)
+            }
+            Address::Udp { host, port } => {
+                let addr = resolve(host, *port)?;
+                udp_socket(addr)
+                    .map(|s| Listener::Udp(Rc::new(s)))
+                    .map_err(|e| annotate(e, address))
+            }
+            Address::Quic { .. } | Address::Mem(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{address}: not a socket transport of this build"),
+            )),
+        }
+    }
+
+    /// The bound address (with the port the kernel chose for port 0).
+    pub fn local_address(&self, requested: &Address) -> Address {
+        let port_of = |addr: io::Result<SocketAddr>| addr.map(|a| a.port()).ok();
+        match (self, requested) {
+            (Listener::Tcp(l), Address::Tcp { host, .. }) => match port_of(l.local_addr().map_err(io::Error::from)) {
+                Some(port) => Address::Tcp {
+                    host: host.clone(),
+                    port,
+                },
+                None => requested.clone(),
+            },
+            (Listener::Udp(s), Address::Udp { host, .. }) => match port_of(s.local_addr().map_err(io::Error::from)) {
+                Some(port) => Address::Udp {
+                    host: host.clone(),
+                    port,
+                },
+                None => requested.clone(),
+            },
+            _ => requested.clone(),
+        }
+    }
+
+    /// Accepts the next stream connection (TCP / Unix listeners).
+    pub async fn accept(&self) -> io::Result<Connected> {
+        match self {
+            Listener::Tcp(l) => {
+                let stream = l.accept().await.map_err(io::Error::from)?;
+                stream.set_nodelay(true)?;
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| format!("tcp://{a}"))
+                    .unwrap_or_else(|_| "tcp://?".into());
+                Ok(Connected::Tcp(StreamLink::new(stream, peer)))
+            }
+            Listener::Unix(l) => {
+                let stream = l.accept().await.map_err(io::Error::from)?;
+                Ok(Connected::Unix(StreamLink::new(stream, "unix:(accepted)".into())))
+            }
+            Listener::Udp(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "udp has no accept")),
+        }
+    }
+}
+
+/// Demultiplexes a listening UDP socket: datagrams from a new source address
+/// make a new [`UdpLink`]; later ones are queued to that link (bounded: a
+/// peer that does not keep up loses datagrams, which the stream layer resends).
+pub struct UdpDemux {
+    socket: Rc<UdpSocket>,
+    peers: RefCell<std::collections::HashMap<SocketAddr, LocalSender<Vec<u8>>>>,
+    queue: usize,
+}
+
+impl UdpDemux {
+    /// Over a bound socket; `queue` datagrams are buffered per peer at most.
+    pub fn new(socket: Rc<UdpSocket>, queue: usize) -> Self {
+        Self {
+            socket,
+            peers: RefCell::new(std::collections::HashMap::new()),
+            queue,
+        }
+    }
+
+    /// Receives the next datagram; returns a new link when it came from a
+    /// source never seen (or forgotten) before.
+    pub async fn next(&self, buf: &mut [u8]) -> io::Result<Option<UdpLink>> {
+        let (n, from) = self.socket.recv_from(buf).await.map_err(io::Error::from)?;
+        let datagram = buf[..n].to_vec();
+        let mut peers = self.peers.borrow_mut();
+        if let Some(sender) = peers.get(&from) {
+            match sender.try_send(datagram) {
+                Ok(()) => return Ok(None),
+                Err(glommio::GlommioError::Closed(_)) => {
+                    peers.remove(&from);
+                }
+                // Full: drop it, the stream layer resends.
+                Err(_) => return Ok(None),
+            }
+            return Ok(None);
+        }
+        let (sender, receiver) = local_channel::new_bounded(self.queue);
+        let _ = sender.try_send(buf[..n].to_vec());
+        peers.insert(from, sender);
+        Ok(Some(UdpLink {
+            socket: self.socket.clone(),
+            peer: from,
+            inbox: Some(receiver),
+        }))
+    }
+
+    /// Forgets a peer whose connection ended.
+    pub fn forget(&self, peer: SocketAddr) {
+        self.peers.borrow_mut().remove(&peer);
+    }
+}
+
+impl UdpLink {
+    /// The remote socket address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+/// Removes a leftover socket file from a previous run (only a socket).
+fn remove_stale_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Runs `future` with a deadline.
+pub async fn with_timeout<T>(timeout: Duration, future: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    glommio::timer::timeout(timeout, async { future.await.map_err(glommio::GlommioError::from) })
+        .await
+        .map_err(io::Error::from)
+}
