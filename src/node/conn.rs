@@ -310,6 +310,8 @@ struct FrameReader {
     buf: Vec<u8>,
     datagram: bool,
     config: frame::Config,
+    /// The last datagram's frame, until taken.
+    pending: Option<Result<FrameMessage, DecodeError>>,
 }
 
 impl FrameReader {
@@ -319,39 +321,49 @@ impl FrameReader {
             buf: vec![0u8; if datagram { 65_536 } else { 256 * 1024 }],
             datagram,
             config: config.clone(),
+            pending: None,
         }
     }
 
-    /// Reads once; returns the frames (and errors) that completed.
-    async fn read<L: Link>(&mut self, link: &L, out: &mut Vec<Result<FrameMessage, DecodeError>>) -> io::Result<usize> {
+    /// Reads once from the link without decoding more than a datagram; `Ok(0)`
+    /// when a stream link was closed.
+    async fn fill<L: Link>(&mut self, link: &L) -> io::Result<usize> {
         let n = link.recv(&mut self.buf).await?;
-        if n == 0 && !self.datagram {
-            return Ok(0);
-        }
         if self.datagram {
-            out.push(frame::decode_datagram(
+            self.pending = Some(frame::decode_datagram(
                 &self.config,
                 Bytes::copy_from_slice(&self.buf[..n]),
             ));
             return Ok(n.max(1));
         }
         self.decoder.extend(&self.buf[..n]);
-        self.decode_buffered(out);
+        Ok(n)
+    }
+
+    /// The next complete frame (or error) of what was read, if any. What
+    /// follows stays buffered, undecoded.
+    fn next_frame(&mut self) -> Option<Result<FrameMessage, DecodeError>> {
+        if self.datagram {
+            return self.pending.take();
+        }
+        self.decoder.decode().transpose()
+    }
+
+    /// Reads once; returns the frames (and errors) that completed.
+    async fn read<L: Link>(&mut self, link: &L, out: &mut Vec<Result<FrameMessage, DecodeError>>) -> io::Result<usize> {
+        let n = self.fill(link).await?;
+        if n > 0 {
+            self.decode_buffered(out);
+        }
         Ok(n)
     }
 
     fn decode_buffered(&mut self, out: &mut Vec<Result<FrameMessage, DecodeError>>) {
-        loop {
-            match self.decoder.decode() {
-                Ok(Some(frame)) => out.push(Ok(frame)),
-                Ok(None) => break,
-                Err(e) => {
-                    let fatal = e.is_fatal();
-                    out.push(Err(e));
-                    if fatal {
-                        break;
-                    }
-                }
+        while let Some(frame) = self.next_frame() {
+            let fatal = frame.as_ref().is_err_and(DecodeError::is_fatal);
+            out.push(frame);
+            if fatal {
+                break;
             }
         }
     }
@@ -508,7 +520,6 @@ async fn handshake<L: Link>(
     write_frame(state, link, &hello_frame(state, false))
         .await
         .map_err(|e| End::Io(e.to_string()))?;
-    let mut frames = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -520,7 +531,7 @@ async fn handshake<L: Link>(
             left
         };
         let read = futures_lite::future::or(
-            async { Some(transport::with_timeout(wait, reader.read(link, &mut frames)).await) },
+            async { Some(transport::with_timeout(wait, reader.fill(link)).await) },
             async {
                 state.shutdown.notified().await;
                 None
@@ -539,7 +550,9 @@ async fn handshake<L: Link>(
             }
             Some(Err(e)) => return Err(End::Io(e.to_string())),
         }
-        for frame in frames.drain(..) {
+        // One frame at a time: whatever follows the peer's handshake stays in
+        // the reader for the connection (or the shard it is handed to).
+        while let Some(frame) = reader.next_frame() {
             let frame = match frame {
                 Ok(frame) => frame,
                 Err(DecodeError::UnsupportedVersion { version, min, max }) => {

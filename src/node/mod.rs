@@ -23,6 +23,8 @@ mod conn;
 mod mem;
 mod shard;
 
+pub use conn::HANDSHAKE_STREAM;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
