@@ -47,6 +47,7 @@ fn handshake(name: &str) -> FrameMessage {
         incarnation: 7,
         acknowledge: false,
         record: Bytes::new(),
+        latency_path: false,
     };
     let content = PacketContent {
         fragment: vec![Fragment {

@@ -490,3 +490,69 @@ proptest! {
         prop_assert_eq!(got, msgs);
     }
 }
+
+/// Urgent streams keep to the latency path, others to the ordinary one; their
+/// packets carry URGENT, which the receiver records; the latency path takes
+/// bulk only once it is the last path.
+#[test]
+fn urgent_streams_use_the_latency_path() {
+    const BULK: i64 = 1;
+    const SYNC: i64 = 7;
+    let now = std::time::Instant::now();
+    let mut a = Session::new(Config::default(), now);
+    let mut b = Session::new(Config::default(), now);
+    let ordinary = PathId(1);
+    let latency = PathId(2);
+    for session in [&mut a, &mut b] {
+        session.add_path(ordinary, PathConfig::with_mtu(PathConfig::TCP_MTU));
+        session.add_path(
+            latency,
+            PathConfig {
+                urgent_only: true,
+                ..PathConfig::with_mtu(PathConfig::TCP_MTU)
+            },
+        );
+    }
+    a.set_stream_urgent(SYNC, true);
+    for i in 0..50u8 {
+        a.send(BULK, Bytes::from(vec![i; 16_384]))
+            .expect("bulk fits the window");
+        a.send(SYNC, Bytes::from(vec![i; 64])).expect("sync fits the window");
+    }
+    let (mut bulk_packets, mut sync_packets) = (0, 0);
+    while let Some(transmit) = a.poll_transmit(now) {
+        let Transmit::Packet { path, packet } = transmit else {
+            continue;
+        };
+        let urgent = packet.flags & AtbusPacketFlagType::Urgent as i32 != 0;
+        match packet.stream_id {
+            BULK => {
+                assert_eq!(path, ordinary, "bulk stays off the latency path");
+                assert!(!urgent);
+                bulk_packets += 1;
+            }
+            SYNC => {
+                assert_eq!(path, latency, "urgent data takes the latency path");
+                assert!(urgent, "urgent packets are flagged");
+                sync_packets += 1;
+                b.handle_packet(now, path, packet).expect("b takes it");
+            }
+            other => panic!("unexpected stream {other}"),
+        }
+    }
+    assert!(bulk_packets > 0 && sync_packets > 0);
+    assert!(b.is_peer_urgent(SYNC) && !b.is_peer_urgent(BULK));
+
+    // The ordinary path dies: its unacknowledged bulk goes to the latency path.
+    a.remove_path(ordinary);
+    let mut moved = 0;
+    while let Some(transmit) = a.poll_transmit(now) {
+        if let Transmit::Packet { path, packet } = transmit {
+            assert_eq!(path, latency);
+            if packet.stream_id == BULK {
+                moved += 1;
+            }
+        }
+    }
+    assert!(moved > 0, "bulk uses the last path left");
+}

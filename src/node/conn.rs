@@ -116,7 +116,7 @@ pub(super) async fn listen(state: Rc<ShardState>, listener: Listener, local: Add
                 let state = state.clone();
                 let origin = local.to_string();
                 runtime::spawn(TaskClass::Throughput, async move {
-                    run(state, connected, None, origin).await;
+                    run(state, connected, None, false, origin).await;
                 });
             }
             Some(Err(e)) => {
@@ -148,7 +148,7 @@ async fn listen_udp(state: Rc<ShardState>, socket: Rc<glommio::net::UdpSocket>, 
                 let demux = demux.clone();
                 let peer = link.peer_addr();
                 runtime::spawn(TaskClass::Throughput, async move {
-                    run_link(state, Rc::new(link), None, format!("udp://{peer}")).await;
+                    run_link(state, Rc::new(link), None, false, format!("udp://{peer}")).await;
                     demux.forget(peer);
                 });
             }
@@ -161,8 +161,9 @@ async fn listen_udp(state: Rc<ShardState>, socket: Rc<glommio::net::UdpSocket>, 
 }
 
 /// Dials `address` for `peer`, and again whenever the connection ends, with
-/// exponential backoff and jitter, until the node stops.
-pub(super) async fn dial_loop(state: Rc<ShardState>, peer: Arc<str>, address: Address) {
+/// exponential backoff and jitter, until the node stops. `latency`: the
+/// connection is the pair's latency path (urgent streams only).
+pub(super) async fn dial_loop(state: Rc<ShardState>, peer: Arc<str>, address: Address, latency: bool) {
     let config = &state.shared.config;
     let mut backoff = config.reconnect_min;
     let mut failures = 0u32;
@@ -183,7 +184,14 @@ pub(super) async fn dial_loop(state: Rc<ShardState>, peer: Arc<str>, address: Ad
             None => break,
             Some(Ok(connected)) => {
                 failures = 0;
-                let end = run(state.clone(), connected, Some(peer.clone()), address.to_string()).await;
+                let end = run(
+                    state.clone(),
+                    connected,
+                    Some(peer.clone()),
+                    latency,
+                    address.to_string(),
+                )
+                .await;
                 if matches!(end, Some(End::Shutdown)) {
                     break;
                 }
@@ -207,15 +215,21 @@ pub(super) async fn dial_loop(state: Rc<ShardState>, peer: Arc<str>, address: Ad
     }
 }
 
-async fn run(state: Rc<ShardState>, connected: Connected, expected: Option<Arc<str>>, origin: String) -> Option<End> {
+async fn run(
+    state: Rc<ShardState>,
+    connected: Connected,
+    expected: Option<Arc<str>>,
+    latency: bool,
+    origin: String,
+) -> Option<End> {
     match connected {
-        Connected::Tcp(link) => run_link(state, Rc::new(link), expected, origin).await,
-        Connected::Unix(link) => run_link(state, Rc::new(link), expected, origin).await,
-        Connected::Udp(link) => run_link(state, Rc::new(link), expected, origin).await,
+        Connected::Tcp(link) => run_link(state, Rc::new(link), expected, latency, origin).await,
+        Connected::Unix(link) => run_link(state, Rc::new(link), expected, latency, origin).await,
+        Connected::Udp(link) => run_link(state, Rc::new(link), expected, latency, origin).await,
     }
 }
 
-fn hello_frame(state: &ShardState, acknowledge: bool) -> FrameMessage {
+fn hello_frame(state: &ShardState, acknowledge: bool, latency_path: bool) -> FrameMessage {
     let hello = HandshakeData {
         version: AtbusProtocolConst::Version as i32,
         minimal_version: crate::frame::MIN_PROTOCOL_VERSION as i32,
@@ -223,6 +237,7 @@ fn hello_frame(state: &ShardState, acknowledge: bool) -> FrameMessage {
         incarnation: state.shared.incarnation,
         acknowledge,
         record: Bytes::new(),
+        latency_path,
     };
     let content = PacketContent {
         fragment: vec![Fragment {
@@ -374,11 +389,18 @@ async fn run_link<L: Link>(
     state: Rc<ShardState>,
     link: Rc<L>,
     expected: Option<Arc<str>>,
+    latency: bool,
     origin: String,
 ) -> Option<End> {
     let datagram = link.is_datagram();
     let mut reader = FrameReader::new(&state.shared.config.frame, datagram);
-    let hello = match handshake(&state, &*link, &mut reader, expected.as_deref(), &origin).await {
+    let hello = match handshake(&state, &*link, &mut reader, expected.as_deref(), latency, &origin).await {
+        // From here on `hello.latency_path` tells what this path is: the
+        // dialler's flag, which on the dialling side is our own.
+        Ok(hello) if expected.is_some() => HandshakeData {
+            latency_path: latency,
+            ..hello
+        },
         Ok(hello) => hello,
         Err(end) => {
             if !matches!(end, End::Shutdown) {
@@ -454,15 +476,22 @@ async fn established<L: Link>(
             mtu: config.udp_mtu,
             overhead: 0,
             window: Some(config.udp_window),
+            urgent_only: false,
         }
     } else {
         PathConfig::with_mtu(config.stream_mtu)
+    };
+    let path = PathConfig {
+        urgent_only: hello.latency_path,
+        ..path
     };
     endpoint.add_path(&state, path_id, path, datagram, hello.incarnation);
     state.shared.counters.established.fetch_add(1, Ordering::Relaxed);
     tracing::info!(node = %state.shared.name, peer = %peer, path = path_id.0, "connected via {origin}");
     let dead = Rc::new(Notify::default());
-    let class = TaskClass::Throughput;
+    // Writers are short (hand a buffer to the ring): they run in the latency
+    // class, so a frame-sync flush never waits behind bulk decoding.
+    let class = TaskClass::Latency;
     {
         let (state, link, endpoint, dead) = (state.clone(), link.clone(), endpoint.clone(), dead.clone());
         runtime::spawn(class, async move {
@@ -509,6 +538,7 @@ async fn handshake<L: Link>(
     link: &L,
     reader: &mut FrameReader,
     expected: Option<&str>,
+    latency: bool,
     origin: &str,
 ) -> Result<HandshakeData, End> {
     let config = &state.shared.config;
@@ -517,7 +547,7 @@ async fn handshake<L: Link>(
         tracing::warn!(node = %state.shared.name, "handshake on {origin} refused: {message}");
         End::Closed(reason(code, message))
     };
-    write_frame(state, link, &hello_frame(state, false))
+    write_frame(state, link, &hello_frame(state, false, latency))
         .await
         .map_err(|e| End::Io(e.to_string()))?;
     loop {
@@ -544,7 +574,7 @@ async fn handshake<L: Link>(
             Some(Ok(_)) => {}
             Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
                 if link.is_datagram() {
-                    let _ = write_frame(state, link, &hello_frame(state, false)).await;
+                    let _ = write_frame(state, link, &hello_frame(state, false, latency)).await;
                 }
                 continue;
             }
@@ -620,7 +650,7 @@ async fn handshake<L: Link>(
                 return Err(end);
             }
             if link.is_datagram() && !hello.acknowledge {
-                let _ = write_frame(state, link, &hello_frame(state, true)).await;
+                let _ = write_frame(state, link, &hello_frame(state, true, latency)).await;
             }
             return Ok(hello);
         }
@@ -756,7 +786,7 @@ fn handle_frame<L: Link>(
         let hello = hello?;
         if link.is_datagram() && !hello.acknowledge {
             // Our reply was lost: answer again.
-            endpoint.push_control(path_id, hello_frame(state, true));
+            endpoint.push_control(path_id, hello_frame(state, true, false));
         }
         return Ok(());
     }

@@ -48,6 +48,7 @@ pub(super) fn send(
     peer: &str,
     stream_id: StreamId,
     data: Bytes,
+    urgent: bool,
 ) -> Result<(), SendError> {
     let Some(target) = target.upgrade().filter(|t| !t.stopping.load(Ordering::Acquire)) else {
         return Err(SendError::UnknownPeer(format!("{peer} (mem peer stopped)")));
@@ -71,7 +72,8 @@ pub(super) fn send(
         stream_id,
         data,
     };
-    match target.app_tx.try_send(message) {
+    let queue = if urgent { &target.urgent_tx } else { &target.app_tx };
+    match queue.try_send(message) {
         Ok(()) => {
             target.counters.received.fetch_add(1, Ordering::Relaxed);
             Ok(())
@@ -84,7 +86,7 @@ pub(super) fn send(
             }
             target.mem_waiting.store(true, Ordering::Release);
             // The peer may have drained between the failed send and the flag.
-            if !target.app_tx.is_full() {
+            if !queue.is_full() {
                 from.notify_writable();
             }
             Err(SendError::WouldBlock {

@@ -26,7 +26,7 @@ mod shard;
 pub use conn::HANDSHAKE_STREAM;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -73,8 +73,19 @@ pub struct NodeConfig {
     pub udp_window: usize,
     /// MTU of TCP and Unix paths.
     pub stream_mtu: usize,
-    /// Received messages queued for the application at most.
+    /// Dial a second connection per route for urgent streams only
+    /// ([`Node::send_urgent`]), so frame-sync messages never queue behind
+    /// bulk bytes in kernel buffers. Costs one more socket per peer pair.
+    pub latency_path: bool,
+    /// Received messages queued for the application at most (each class:
+    /// urgent and ordinary messages have a queue each). Past it the shard
+    /// stops taking messages from the stream layer, whose receive window then
+    /// holds the peer back.
     pub recv_queue: usize,
+    /// Bytes per peer accepted from other threads and not yet taken by the
+    /// stream layer (whose own bound is the stream's `send_window`); past it
+    /// `send` answers `WouldBlock`.
+    pub send_buffer: usize,
     /// Messages queued per shard from other threads at most.
     pub send_queue: usize,
 }
@@ -100,7 +111,9 @@ impl Default for NodeConfig {
             udp_mtu: stream::PathConfig::UDP_MTU,
             udp_window: 512 * 1024,
             stream_mtu: stream::PathConfig::TCP_MTU,
-            recv_queue: 1 << 16,
+            latency_path: true,
+            recv_queue: 8192,
+            send_buffer: 4 * 1024 * 1024,
             send_queue: 1 << 16,
         }
     }
@@ -163,9 +176,9 @@ impl NodeConfig {
                 });
             }
         }
-        if self.recv_queue == 0 || self.send_queue == 0 {
+        if self.recv_queue == 0 || self.send_queue == 0 || self.send_buffer == 0 {
             return Err(NodeError::Config {
-                field: "recv_queue/send_queue",
+                field: "recv_queue/send_queue/send_buffer",
                 reason: "must be at least 1".into(),
             });
         }
@@ -273,8 +286,9 @@ struct Counters {
 /// How a peer is reached.
 #[derive(Clone, Debug)]
 enum Route {
-    /// Through the stream layer on the peer's home shard.
-    Shard(usize),
+    /// Through the stream layer on the peer's home shard; `queued` counts
+    /// the bytes on their way there (see [`NodeConfig::send_buffer`]).
+    Shard { home: usize, queued: Arc<AtomicUsize> },
     /// Same process: straight into its queue.
     Mem(std::sync::Weak<Shared>),
 }
@@ -297,6 +311,9 @@ struct Shared {
     peers: RwLock<HashMap<Arc<str>, Route>>,
     app_tx: Sender<Message>,
     app_rx: Receiver<Message>,
+    /// Messages of streams the peer flagged urgent: read first.
+    urgent_tx: Sender<Message>,
+    urgent_rx: Receiver<Message>,
     /// A shard holds messages because the application queue was full.
     app_blocked: AtomicBool,
     send_queues: Vec<ArrayQueue<Outgoing>>,
@@ -321,6 +338,23 @@ impl Shared {
         (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % self.shards.len() as u64) as usize
     }
 
+    /// The byte counter of `peer`'s route through its home shard, made (with
+    /// the route) when missing. A `mem://` route is left alone.
+    fn shard_route(&self, peer: &Arc<str>) -> Arc<AtomicUsize> {
+        let home = self.home_shard(peer);
+        let fresh = || Route::Shard {
+            home,
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        let Ok(mut peers) = self.peers.write() else {
+            return Arc::new(AtomicUsize::new(0));
+        };
+        match peers.entry(peer.clone()).or_insert_with(fresh) {
+            Route::Shard { queued, .. } => queued.clone(),
+            Route::Mem(_) => Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
     fn notify_writable(&self) {
         let (lock, cvar) = &self.writable;
         if let Ok(mut generation) = lock.lock() {
@@ -331,8 +365,9 @@ impl Shared {
 
     /// Hands a received message to the application; `Err` gives it back when
     /// the queue is full (the caller holds it and retries later).
-    fn deliver(&self, message: Message) -> Result<(), Message> {
-        match self.app_tx.try_send(message) {
+    fn deliver(&self, message: Message, urgent: bool) -> Result<(), Message> {
+        let queue = if urgent { &self.urgent_tx } else { &self.app_tx };
+        match queue.try_send(message) {
             Ok(()) => {
                 self.counters.received.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -378,6 +413,7 @@ impl Node {
         config.validate()?;
         let runtime = Runtime::start(&config.runtime)?;
         let (app_tx, app_rx) = crossbeam_channel::bounded(config.recv_queue);
+        let (urgent_tx, urgent_rx) = crossbeam_channel::bounded(config.recv_queue);
         let shards = runtime.shards().to_vec();
         let send_queues = shards.iter().map(|_| ArrayQueue::new(config.send_queue)).collect();
         let shared = Arc::new(Shared {
@@ -387,6 +423,8 @@ impl Node {
             peers: RwLock::new(HashMap::new()),
             app_tx,
             app_rx,
+            urgent_tx,
+            urgent_rx,
             app_blocked: AtomicBool::new(false),
             send_queues,
             writable: (Mutex::new(0), Condvar::new()),
@@ -455,9 +493,7 @@ impl Node {
             return Ok(());
         }
         let home = self.shared.home_shard(&peer);
-        if let Ok(mut peers) = self.shared.peers.write() {
-            peers.entry(peer.clone()).or_insert(Route::Shard(home));
-        }
+        self.shared.shard_route(&peer);
         self.shared.shards[home].submit(move || shard::dial(peer, address));
         Ok(())
     }
@@ -468,9 +504,13 @@ impl Node {
         self.send_with(peer, stream_id, data, false)
     }
 
-    /// Like [`Node::send`], for frame-sync traffic: the stream is served
-    /// before any other on its connections, flushed at once, and runs in the
-    /// shard's latency task class.
+    /// Like [`Node::send`], for frame-sync traffic (small messages, up to a
+    /// datagram's 548 B): the stream becomes urgent for good. Its data goes
+    /// out before any other stream's on its connections, written at once
+    /// (connection writers run in the shard's latency task class), in packets
+    /// flagged URGENT, which the receiving node queues ahead of ordinary
+    /// messages. Mark a stream urgent from its first message: messages sent
+    /// on it before could be read after later urgent ones.
     pub fn send_urgent(&self, peer: &str, stream_id: StreamId, data: Bytes) -> Result<(), SendError> {
         self.send_with(peer, stream_id, data, true)
     }
@@ -485,34 +525,49 @@ impl Node {
                 source: stream::SendError::EmptyMessage { stream_id },
             });
         }
-        let route = self
-            .shared
-            .peers
-            .read()
-            .ok()
-            .and_then(|p| p.get_key_value(peer).map(|(k, r)| (k.clone(), r.clone())));
-        let Some((to, route)) = route else {
+        let Ok(peers) = self.shared.peers.read() else {
+            return Err(SendError::Stopped);
+        };
+        let Some((to, route)) = peers.get_key_value(peer) else {
             return Err(SendError::UnknownPeer(peer.to_string()));
         };
         match route {
-            Route::Mem(target) => mem::send(&self.shared, &target, peer, stream_id, data),
-            Route::Shard(home) => {
+            Route::Mem(target) => {
+                let target = target.clone();
+                drop(peers);
+                mem::send(&self.shared, &target, peer, stream_id, data, urgent)
+            }
+            Route::Shard { home, queued } => {
+                let home = *home;
                 if data.is_empty() {
                     return Err(SendError::Stream {
                         peer: peer.to_string(),
                         source: stream::SendError::EmptyMessage { stream_id },
                     });
                 }
-                if let Some(result) = shard::send_local(&self.shared, home, &to, stream_id, data.clone(), urgent) {
+                if let Some(result) = shard::send_local(&self.shared, home, to, stream_id, &data, urgent) {
                     return result;
                 }
+                // Bounded per peer in bytes; one message always fits an empty
+                // buffer, whatever its size.
+                let len = data.len();
+                let before = queued.fetch_add(len, Ordering::AcqRel);
+                if before > 0 && before + len > self.shared.config.send_buffer {
+                    queued.fetch_sub(len, Ordering::AcqRel);
+                    return Err(SendError::WouldBlock {
+                        peer: peer.to_string(),
+                        queue: "send_buffer",
+                    });
+                }
                 let outgoing = Outgoing {
-                    to,
+                    to: to.clone(),
                     stream_id,
                     data,
                     urgent,
                 };
-                if self.shared.send_queues[home].push(outgoing).is_err() {
+                if let Err(outgoing) = self.shared.send_queues[home].push(outgoing) {
+                    queued.fetch_sub(len, Ordering::AcqRel);
+                    drop(outgoing);
                     return Err(SendError::WouldBlock {
                         peer: peer.to_string(),
                         queue: "send_queue",
@@ -572,18 +627,30 @@ impl Node {
         }
     }
 
-    /// The next received message, waiting up to `timeout`.
+    /// The next received message, waiting up to `timeout`; messages of
+    /// urgent streams come first.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Message> {
-        let message = self.shared.app_rx.recv_timeout(timeout).ok();
-        self.shared.on_app_read();
+        let shared = &self.shared;
+        let message = match shared.urgent_rx.try_recv().or_else(|_| shared.app_rx.try_recv()) {
+            Ok(message) => Some(message),
+            Err(_) => crossbeam_channel::select! {
+                recv(shared.urgent_rx) -> m => m.ok(),
+                recv(shared.app_rx) -> m => m.ok(),
+                default(timeout) => None,
+            },
+        };
+        if message.is_some() {
+            shared.on_app_read();
+        }
         message
     }
 
-    /// The next received message, if one is queued.
+    /// The next received message, if one is queued (urgent ones first).
     pub fn try_recv(&self) -> Option<Message> {
-        let message = self.shared.app_rx.try_recv().ok();
+        let shared = &self.shared;
+        let message = shared.urgent_rx.try_recv().or_else(|_| shared.app_rx.try_recv()).ok();
         if message.is_some() {
-            self.shared.on_app_read();
+            shared.on_app_read();
         }
         message
     }

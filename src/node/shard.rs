@@ -2,16 +2,16 @@
 //! `stream::Session`), their connections' write buffers, and the timers.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{Message, NodeError, Route, SendError, Shared};
+use super::{Message, NodeError, SendError, Shared};
 use crate::address::Address;
 use crate::frame::Encoder;
 use crate::proto::{Body, FrameMessage, PingData};
@@ -34,7 +34,9 @@ pub(super) struct ShardState {
     endpoints: RefCell<HashMap<Arc<str>, Rc<Endpoint>>>,
     next_path: Cell<u64>,
     /// Messages the application queue had no room for, in arrival order.
-    undelivered: RefCell<VecDeque<Message>>,
+    /// Messages the application queue had no room for (and whether each is
+    /// urgent); while any wait, the sessions keep the rest.
+    undelivered: RefCell<VecDeque<(Message, bool)>>,
     pub stopping: Cell<bool>,
     /// Wakes connection tasks at shutdown.
     pub shutdown: super::conn::Notify,
@@ -58,28 +60,31 @@ impl ShardState {
                 session: Session::new(self.shared.config.stream.clone(), Instant::now()),
                 incarnation: None,
                 paths: HashMap::new(),
-                pending: VecDeque::new(),
+                pending: BTreeMap::new(),
                 urgent: Vec::new(),
             }),
+            queued: self.shared.shard_route(peer),
             timer: super::conn::Notify::default(),
             timer_running: Cell::new(false),
         });
         self.endpoints.borrow_mut().insert(peer.clone(), endpoint.clone());
-        if let Ok(mut peers) = self.shared.peers.write() {
-            peers.entry(peer.clone()).or_insert(Route::Shard(self.index));
-        }
         endpoint
     }
 
-    fn deliver(&self, message: Message) {
+    fn deliver(&self, message: Message, urgent: bool) {
         let mut undelivered = self.undelivered.borrow_mut();
         if !undelivered.is_empty() {
-            undelivered.push_back(message);
+            undelivered.push_back((message, urgent));
             return;
         }
-        if let Err(message) = self.shared.deliver(message) {
-            undelivered.push_back(message);
+        if let Err(message) = self.shared.deliver(message, urgent) {
+            undelivered.push_back((message, urgent));
         }
+    }
+
+    /// The application queue is full: sessions keep their messages.
+    fn app_blocked(&self) -> bool {
+        !self.undelivered.borrow().is_empty()
     }
 }
 
@@ -140,8 +145,9 @@ pub(super) struct EndpointState {
     pub session: Session,
     pub incarnation: Option<u64>,
     pub paths: HashMap<PathId, PathIo>,
-    /// Messages from the cross-thread queue the session had no room for.
-    pending: VecDeque<(StreamId, Bytes)>,
+    /// Messages from the cross-thread queue the session had no room for,
+    /// per stream (a full stream holds back only itself).
+    pending: BTreeMap<StreamId, VecDeque<Bytes>>,
     urgent: Vec<StreamId>,
 }
 
@@ -149,6 +155,8 @@ pub(super) struct EndpointState {
 pub(super) struct Endpoint {
     pub peer: Arc<str>,
     pub state: RefCell<EndpointState>,
+    /// Bytes sent to this peer from other threads, not yet in the session.
+    queued: Arc<AtomicUsize>,
     timer: super::conn::Notify,
     timer_running: Cell<bool>,
 }
@@ -209,12 +217,27 @@ impl Endpoint {
             if st.session.poll_timeout().is_some_and(|t| t <= now) {
                 st.session.handle_timeout(now);
             }
-            while let Some((stream_id, data)) = st.pending.front().cloned() {
-                if st.session.send(stream_id, data).is_err() {
-                    break;
+            if !st.pending.is_empty() {
+                // Urgent streams first, then the others in id order.
+                let mut streams: Vec<StreamId> = st.pending.keys().copied().collect();
+                streams.sort_by_key(|id| !st.urgent.contains(id));
+                for stream_id in streams {
+                    let Some(queue) = st.pending.get_mut(&stream_id) else {
+                        continue;
+                    };
+                    while let Some(data) = queue.front() {
+                        let len = data.len();
+                        if st.session.send(stream_id, data.clone()).is_err() {
+                            break;
+                        }
+                        queue.pop_front();
+                        self.queued.fetch_sub(len, Ordering::AcqRel);
+                        writable = true;
+                    }
+                    if queue.is_empty() {
+                        st.pending.remove(&stream_id);
+                    }
                 }
-                st.pending.pop_front();
-                writable = true;
             }
             let batch = shard.shared.config.write_batch;
             for path in st.paths.values_mut() {
@@ -237,13 +260,25 @@ impl Endpoint {
                     path.wake();
                 }
             }
-            while let Some(event) = st.session.poll_event() {
+            loop {
+                // A full application queue leaves messages in the session,
+                // counted against its receive window: the peer slows down.
+                if shard.app_blocked() && matches!(st.session.peek_event(), Some(Event::Message { .. })) {
+                    break;
+                }
+                let Some(event) = st.session.poll_event() else {
+                    break;
+                };
                 match event {
-                    Event::Message { stream_id, data } => shard.deliver(Message {
-                        from: self.peer.clone(),
-                        stream_id,
-                        data,
-                    }),
+                    Event::Message { stream_id, data } => {
+                        let urgent = st.session.is_peer_urgent(stream_id);
+                        let message = Message {
+                            from: self.peer.clone(),
+                            stream_id,
+                            data,
+                        };
+                        shard.deliver(message, urgent);
+                    }
                     Event::Writable { .. } => writable = true,
                     Event::PathClosed { path, reason } => {
                         tracing::info!(peer = %self.peer, ?path, ?reason, "peer closed the connection");
@@ -269,7 +304,7 @@ impl Endpoint {
             st.urgent.push(stream_id);
             st.session.set_stream_urgent(stream_id, true);
         }
-        if !st.pending.is_empty() {
+        if st.pending.contains_key(&stream_id) {
             return Err(crate::stream::SendError::WouldBlock {
                 stream_id,
                 window: st.session.config().send_window,
@@ -359,10 +394,21 @@ pub(super) fn install(
     Ok(bound)
 }
 
-/// Dials `address` for `peer` from this shard, and keeps redialling.
+/// Dials `address` for `peer` from this shard, and keeps redialling; with
+/// [`super::NodeConfig::latency_path`], a second connection for urgent streams.
 pub(super) fn dial(peer: Arc<str>, address: Address) {
     if let Some(state) = local() {
-        runtime::spawn(TaskClass::Throughput, super::conn::dial_loop(state, peer, address));
+        if state.shared.config.latency_path {
+            let (state, peer, address) = (state.clone(), peer.clone(), address.clone());
+            runtime::spawn(
+                TaskClass::Throughput,
+                super::conn::dial_loop(state, peer, address, true),
+            );
+        }
+        runtime::spawn(
+            TaskClass::Throughput,
+            super::conn::dial_loop(state, peer, address, false),
+        );
     }
 }
 
@@ -390,12 +436,12 @@ pub(super) fn send_local(
     home: usize,
     to: &Arc<str>,
     stream_id: StreamId,
-    data: Bytes,
+    data: &Bytes,
     urgent: bool,
 ) -> Option<Result<(), SendError>> {
     let state = local().filter(|s| Arc::ptr_eq(&s.shared, shared) && s.index == home)?;
     let endpoint = state.endpoint(to);
-    let result = endpoint.send(stream_id, data, urgent).map_err(|e| match e {
+    let result = endpoint.send(stream_id, data.clone(), urgent).map_err(|e| match e {
         crate::stream::SendError::WouldBlock { .. } => SendError::WouldBlock {
             peer: to.to_string(),
             queue: "stream send_window",
@@ -422,17 +468,26 @@ pub(super) fn drain_send_queue() {
     while let Some(outgoing) = queue.pop() {
         freed = true;
         let endpoint = state.endpoint(&outgoing.to);
+        let len = outgoing.data.len();
         match endpoint.send(outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
-            Ok(()) => {}
+            Ok(()) => {
+                endpoint.queued.fetch_sub(len, Ordering::AcqRel);
+            }
             Err(crate::stream::SendError::WouldBlock { .. }) => {
-                // Accepted already: held until the window opens.
+                // Accepted already: held until the window opens (still
+                // counted in `queued`, which bounds it).
                 endpoint
                     .state
                     .borrow_mut()
                     .pending
-                    .push_back((outgoing.stream_id, outgoing.data));
+                    .entry(outgoing.stream_id)
+                    .or_default()
+                    .push_back(outgoing.data);
             }
-            Err(e) => tracing::warn!(peer = %outgoing.to, "message refused by the stream layer: {e}"),
+            Err(e) => {
+                endpoint.queued.fetch_sub(len, Ordering::AcqRel);
+                tracing::warn!(peer = %outgoing.to, "message refused by the stream layer: {e}");
+            }
         }
         if !touched.iter().any(|t| Rc::ptr_eq(t, &endpoint)) {
             touched.push(endpoint);
@@ -454,9 +509,9 @@ pub(super) fn retry_delivery() {
     };
     {
         let mut undelivered = state.undelivered.borrow_mut();
-        while let Some(message) = undelivered.pop_front() {
-            if let Err(message) = state.shared.deliver(message) {
-                undelivered.push_front(message);
+        while let Some((message, urgent)) = undelivered.pop_front() {
+            if let Err(message) = state.shared.deliver(message, urgent) {
+                undelivered.push_front((message, urgent));
                 return;
             }
         }

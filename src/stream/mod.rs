@@ -84,6 +84,10 @@ pub struct PathConfig {
     /// [`Config::path_window`]. Datagram paths want less than the socket's
     /// kernel buffer holds, or bursts are dropped there.
     pub window: Option<usize>,
+    /// A latency path: it carries urgent streams only (see
+    /// [`crate::stream::Session::set_stream_urgent`]), and those prefer it.
+    /// It carries other streams only when no other path is left.
+    pub urgent_only: bool,
 }
 
 impl PathConfig {
@@ -100,6 +104,7 @@ impl PathConfig {
             mtu,
             overhead: 0,
             window: None,
+            urgent_only: false,
         }
     }
 }

@@ -105,6 +105,8 @@ pub struct Session {
     events: VecDeque<Event>,
     /// Streams served first (see [`Session::set_stream_urgent`]).
     urgent: BTreeSet<StreamId>,
+    /// Received streams the peer flagged URGENT.
+    peer_urgent: BTreeSet<StreamId>,
     /// Round-robin cursors.
     next_path: Option<PathId>,
     next_stream: Option<StreamId>,
@@ -123,6 +125,7 @@ impl Session {
             paths: BTreeMap::new(),
             events: VecDeque::new(),
             urgent: BTreeSet::new(),
+            peer_urgent: BTreeSet::new(),
             next_path: None,
             next_stream: None,
         }
@@ -161,13 +164,19 @@ impl Session {
     }
 
     /// Marks a stream urgent (frame-sync traffic): its data goes out before
-    /// any other stream's on every path.
+    /// any other stream's on every path, in packets flagged URGENT.
     pub fn set_stream_urgent(&mut self, stream_id: StreamId, urgent: bool) {
         if urgent {
             self.urgent.insert(stream_id);
         } else {
             self.urgent.remove(&stream_id);
         }
+    }
+
+    /// Whether the peer sends `stream_id` as urgent (its packets carry the
+    /// URGENT flag): the application may want its messages first.
+    pub fn is_peer_urgent(&self, stream_id: StreamId) -> bool {
+        self.peer_urgent.contains(&stream_id)
     }
 
     /// Ids of the live paths.
@@ -216,6 +225,7 @@ impl Session {
     /// and resend every retained message from the first one, with RESET_OFFSET.
     pub fn peer_restarted(&mut self) {
         self.recv.clear();
+        self.peer_urgent.clear();
         self.queued.clear();
         for path in self.paths.values_mut() {
             path.in_flight.clear();
@@ -297,6 +307,9 @@ impl Session {
             return Err(ProtocolError::TooManyStreams {
                 max: self.config.max_streams,
             });
+        }
+        if packet.has_flag(AtbusPacketFlagType::Urgent) {
+            self.peer_urgent.insert(stream_id);
         }
         let recv = self.recv.entry(stream_id).or_default();
         if packet.has_flag(AtbusPacketFlagType::ResetOffset) {
@@ -551,11 +564,22 @@ impl Session {
         }
         let mut path_ids: Vec<PathId> = rotate(self.paths.keys().copied(), self.next_path);
         // Healthy paths pick first: the oldest unsent data (often a hole the
-        // receiver waits for) must not go to a path that may be dead.
-        path_ids.sort_by_key(|id| self.paths.get(id).is_some_and(|p| p.backoff > 0));
+        // receiver waits for) must not go to a path that may be dead. Among
+        // them, latency paths first (they only take urgent streams).
+        path_ids.sort_by_key(|id| {
+            self.paths
+                .get(id)
+                .map_or((true, true), |p| (p.backoff > 0, !p.config.urgent_only))
+        });
+        // Urgent streams keep to a healthy latency path when there is one;
+        // a latency path takes other streams only when it is the last path.
+        let latency_up = self.paths.values().any(|p| p.config.urgent_only && p.backoff == 0);
+        let ordinary_up = self.paths.values().any(|p| !p.config.urgent_only);
         let timepoint = self.timepoint(now);
         for path_id in path_ids {
             let path = self.paths.get_mut(&path_id)?;
+            let only_urgent = path.config.urgent_only && ordinary_up;
+            let no_urgent = !path.config.urgent_only && latency_up;
             let path_window = path.config.window.unwrap_or(self.config.path_window);
             let budget = path.payload_budget();
             if path.blocked || budget <= FRAGMENT_OVERHEAD || path.in_flight_bytes + budget > path_window {
@@ -566,8 +590,16 @@ impl Session {
             if path.backoff > 0 && !path.in_flight.is_empty() {
                 continue;
             }
+            let urgent = &self.urgent;
             let mut stream_ids: Vec<StreamId> = rotate(
-                self.send.iter().filter(|(_, s)| s.has_unsent()).map(|(id, _)| *id),
+                self.send
+                    .iter()
+                    .filter(|(id, s)| {
+                        // Latency paths: urgent only; ordinary ones: none.
+                        let allowed = if urgent.contains(id) { !no_urgent } else { !only_urgent };
+                        allowed && s.has_unsent()
+                    })
+                    .map(|(id, _)| *id),
                 self.next_stream,
             );
             if !self.urgent.is_empty() {
@@ -596,7 +628,11 @@ impl Session {
                     packet: Packet {
                         stream_id,
                         offset: chunk.offset,
-                        flags: chunk.flags,
+                        flags: if self.urgent.contains(&stream_id) {
+                            chunk.flags | AtbusPacketFlagType::Urgent as i32
+                        } else {
+                            chunk.flags
+                        },
                         timepoint,
                         fragments: chunk.fragments,
                     },
@@ -604,6 +640,11 @@ impl Session {
             }
         }
         None
+    }
+
+    /// The event [`Session::poll_event`] would return next, left in place.
+    pub fn peek_event(&self) -> Option<&Event> {
+        self.events.front()
     }
 
     /// Next event for the application.

@@ -122,6 +122,7 @@ impl Sim {
             mtu: link.mtu,
             overhead: HEAD_OVERHEAD,
             window: None,
+            urgent_only: false,
         };
         self.a.add_path(id, path.clone());
         self.b.add_path(id, path);

@@ -1,0 +1,612 @@
+//! End-to-end transport benchmark: two nodes, each on one shard pinned to its
+//! own core (0 and 1), one connection between them.
+//!
+//! For every transport (tcp, unix, udp, mem) it measures, and prints as one
+//! JSON object per line:
+//! - `throughput`: one-way messages/s and MB/s for each payload size, beside
+//!   a raw-socket baseline of the same transport measured in the same run
+//!   (two pinned threads, blocking sockets, length-prefixed messages through
+//!   256 KiB buffers; for udp one datagram per message, no reliability; for
+//!   mem a crossbeam channel of `Bytes`);
+//! - `rtt`: a 64 B ping-pong (application thread to application thread),
+//!   p50 / p99 / max, beside the raw-socket ping-pong;
+//! - `class`: the 64 B ping-pong while 16 KiB bulk messages saturate the
+//!   same connection, sent in the throughput class (`send`) and in the
+//!   latency class (`send_urgent`).
+//!
+//! Run: `cargo run --release --example transports -- [--quick] [--transport tcp]...`
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use libatbus::node::{Message, Node, NodeConfig};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(about = "End-to-end transport benchmark (one JSON object per case)")]
+struct Args {
+    /// Transports to measure (default: all).
+    #[arg(long = "transport", value_parser = ["tcp", "unix", "udp", "mem"])]
+    transports: Vec<String>,
+    /// Payload sizes in bytes.
+    #[arg(long = "payload", default_values_t = [8usize, 64, 548, 1024, 16384])]
+    payloads: Vec<usize>,
+    /// Bytes moved per throughput case (messages = this / payload, clamped).
+    #[arg(long, default_value_t = 128 << 20)]
+    bytes: usize,
+    /// Ping-pong round trips per latency case.
+    #[arg(long, default_value_t = 20_000)]
+    round_trips: usize,
+    /// A tenth of the work: a smoke run.
+    #[arg(long)]
+    quick: bool,
+    /// Skip the latency-class comparison under bulk load.
+    #[arg(long)]
+    no_class: bool,
+    /// Pace the bulk sender of the class cases to this many MB/s (0: as
+    /// fast as it goes, saturating the link and, on few cores, the CPUs).
+    #[arg(long, default_value_t = 0.0)]
+    bulk_rate: f64,
+    /// Override the stream layer's per-path window (bytes in flight).
+    #[arg(long)]
+    path_window: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct Throughput<'a> {
+    kind: &'static str,
+    transport: &'a str,
+    payload: usize,
+    messages: u64,
+    msgs_per_s: f64,
+    mb_per_s: f64,
+    baseline_msgs_per_s: f64,
+    baseline_mb_per_s: f64,
+    /// Baseline messages lost (udp only: raw datagrams have no resend).
+    baseline_lost: u64,
+    ratio: f64,
+}
+
+#[derive(Serialize)]
+struct Rtt<'a> {
+    kind: &'static str,
+    transport: &'a str,
+    payload: usize,
+    round_trips: usize,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    baseline_p50_us: f64,
+    baseline_p99_us: f64,
+}
+
+#[derive(Serialize)]
+struct Class<'a> {
+    kind: &'static str,
+    transport: &'a str,
+    /// `idle` (no bulk), `throughput` (send), `latency` (send_urgent).
+    class: &'static str,
+    bulk_mb_per_s: f64,
+    round_trips: usize,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+const PING: usize = 64;
+const BULK: usize = 16384;
+const PEER_A: &str = "bench-a";
+const PEER_B: &str = "bench-b";
+
+fn main() {
+    let mut args = Args::parse();
+    if args.transports.is_empty() {
+        args.transports = ["tcp", "unix", "udp", "mem"].map(String::from).to_vec();
+    }
+    if args.quick {
+        args.bytes /= 10;
+        args.round_trips /= 10;
+    }
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    eprintln!("# {} cores; nodes pinned to cores 0 and 1", cores.len());
+    for transport in &args.transports {
+        let pair = Pair::start(transport, args.path_window);
+        for &payload in &args.payloads {
+            let messages = (args.bytes / payload).clamp(20_000, 1_000_000) as u64;
+            let ours = pair.throughput(payload, messages);
+            let (base, lost) = isolated({
+                let transport = transport.clone();
+                move || baseline_throughput(&transport, payload, messages)
+            });
+            print_json(&Throughput {
+                kind: "throughput",
+                transport,
+                payload,
+                messages,
+                msgs_per_s: ours,
+                mb_per_s: ours * payload as f64 / 1e6,
+                baseline_msgs_per_s: base,
+                baseline_mb_per_s: base * payload as f64 / 1e6,
+                baseline_lost: lost,
+                ratio: ours / base,
+            });
+        }
+        let ours = pair.ping_pong(args.round_trips, false);
+        let base = isolated({
+            let (transport, trips) = (transport.clone(), args.round_trips);
+            move || baseline_rtt(&transport, trips)
+        });
+        print_json(&Rtt {
+            kind: "rtt",
+            transport,
+            payload: PING,
+            round_trips: args.round_trips,
+            p50_us: us(ours.value_at_quantile(0.5)),
+            p99_us: us(ours.value_at_quantile(0.99)),
+            max_us: us(ours.max()),
+            baseline_p50_us: us(base.value_at_quantile(0.5)),
+            baseline_p99_us: us(base.value_at_quantile(0.99)),
+        });
+        if !args.no_class && transport != "mem" {
+            let trips = (args.round_trips / 4).max(500);
+            for class in ["idle", "throughput", "latency"] {
+                let (hist, bulk) = pair.under_bulk(trips, class, args.bulk_rate);
+                print_json(&Class {
+                    kind: "class",
+                    transport,
+                    class,
+                    bulk_mb_per_s: bulk,
+                    round_trips: trips,
+                    p50_us: us(hist.value_at_quantile(0.5)),
+                    p99_us: us(hist.value_at_quantile(0.99)),
+                    max_us: us(hist.max()),
+                });
+            }
+        }
+        pair.stop();
+    }
+}
+
+/// Runs a baseline on its own threads, so its core pinning stays there.
+fn isolated<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    thread::spawn(f).join().expect("baseline thread")
+}
+
+fn print_json(value: &impl Serialize) {
+    match serde_json::to_string(value) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("cannot print a result: {e}"),
+    }
+}
+
+fn us(nanos: u64) -> f64 {
+    (nanos as f64 / 1000.0 * 10.0).round() / 10.0
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(100, 60_000_000_000, 3).expect("histogram bounds")
+}
+
+fn pin(core: usize) {
+    if let Some(id) = core_affinity::get_core_ids().and_then(|ids| ids.get(core).copied()) {
+        core_affinity::set_for_current(id);
+    }
+}
+
+/// Two nodes, `bench-a` on core 0 and `bench-b` on core 1, connected over one
+/// transport.
+struct Pair {
+    a: Arc<Node>,
+    b: Arc<Node>,
+    dir: Option<std::path::PathBuf>,
+}
+
+impl Pair {
+    fn start(transport: &str, path_window: Option<usize>) -> Pair {
+        let tag = std::process::id();
+        let dir = std::env::temp_dir().join(format!("atbus-bench-{tag}"));
+        let (listen_a, listen_b, dir) = match transport {
+            "tcp" => ("tcp://127.0.0.1:0".to_string(), "tcp://127.0.0.1:0".to_string(), None),
+            "udp" => ("udp://127.0.0.1:0".to_string(), "udp://127.0.0.1:0".to_string(), None),
+            "unix" => {
+                std::fs::create_dir_all(&dir).expect("socket directory");
+                (
+                    format!("unix://{}", dir.join("a.sock").display()),
+                    format!("unix://{}", dir.join("b.sock").display()),
+                    Some(dir),
+                )
+            }
+            "mem" => (format!("mem://bench-a-{tag}"), format!("mem://bench-b-{tag}"), None),
+            other => panic!("unknown transport {other}"),
+        };
+        let node = |name: &str, listen: &str, core: usize| {
+            let mut config = NodeConfig::new(name, &[listen]).expect("node config");
+            config.runtime.first_core = core;
+            if let Some(window) = path_window {
+                config.stream.path_window = window;
+            }
+            Arc::new(Node::start(config).expect("node starts"))
+        };
+        let a = node(PEER_A, &listen_a, 0);
+        let b = node(PEER_B, &listen_b, 1);
+        a.add_route(PEER_B, b.listen_addresses()[0].clone()).expect("route a→b");
+        if transport == "mem" {
+            b.add_route(PEER_A, a.listen_addresses()[0].clone()).expect("route b→a");
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !b.connected_peers().iter().any(|p| p == PEER_A) {
+                assert!(Instant::now() < deadline, "nodes never connected");
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Pair { a, b, dir }
+    }
+
+    /// One-way messages/s from a to b.
+    fn throughput(&self, payload: usize, messages: u64) -> f64 {
+        let data = Bytes::from(vec![0xa5u8; payload]);
+        let b = self.b.clone();
+        let receiver = thread::spawn(move || {
+            for i in 0..messages {
+                if b.recv_timeout(Duration::from_secs(30)).is_none() {
+                    panic!("message {i} of {messages} never arrived");
+                }
+            }
+            Instant::now()
+        });
+        let started = Instant::now();
+        for _ in 0..messages {
+            send(&self.a, PEER_B, 1, data.clone(), false);
+        }
+        let done = receiver.join().expect("receiver");
+        messages as f64 / (done - started).as_secs_f64()
+    }
+
+    /// 64 B round trips a → b → a.
+    fn ping_pong(&self, trips: usize, urgent: bool) -> Histogram<u64> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let echo = self.echo(stop.clone());
+        let hist = ping(&self.a, trips, if urgent { 3 } else { 2 }, urgent);
+        stop.store(true, Ordering::Release);
+        echo.join().expect("echo");
+        hist
+    }
+
+    /// b's application: echoes pings (stream 2 with `send`, stream 3 with
+    /// `send_urgent`), drops bulk (stream 1). Returns bulk bytes received.
+    fn echo(&self, stop: Arc<AtomicBool>) -> thread::JoinHandle<(u64, Duration)> {
+        let b = self.b.clone();
+        thread::spawn(move || {
+            let started = Instant::now();
+            let mut bulk = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let Some(Message { stream_id, data, .. }) = b.recv_timeout(Duration::from_millis(50)) else {
+                    continue;
+                };
+                match stream_id {
+                    2 => send(&b, PEER_A, 2, data, false),
+                    3 => send(&b, PEER_A, 3, data, true),
+                    _ => bulk += data.len() as u64,
+                }
+            }
+            (bulk, started.elapsed())
+        })
+    }
+
+    /// The ping-pong while a bulk sender saturates a → b.
+    fn under_bulk(&self, trips: usize, class: &'static str, rate_mb: f64) -> (Histogram<u64>, f64) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let echo = self.echo(stop.clone());
+        let bulk_stop = Arc::new(AtomicBool::new(class == "idle"));
+        let bulk = {
+            let a = self.a.clone();
+            let bulk_stop = bulk_stop.clone();
+            let data = Bytes::from(vec![0x5au8; BULK]);
+            thread::spawn(move || {
+                let started = Instant::now();
+                let mut sent = 0f64;
+                while !bulk_stop.load(Ordering::Acquire) {
+                    send(&a, PEER_B, 1, data.clone(), false);
+                    sent += BULK as f64;
+                    if rate_mb > 0.0 {
+                        let due = Duration::from_secs_f64(sent / (rate_mb * 1e6));
+                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                            thread::sleep(ahead);
+                        }
+                    }
+                }
+            })
+        };
+        if class != "idle" {
+            thread::sleep(Duration::from_millis(200)); // let the bulk fill the way
+        }
+        let hist = ping(
+            &self.a,
+            trips,
+            if class == "latency" { 3 } else { 2 },
+            class == "latency",
+        );
+        bulk_stop.store(true, Ordering::Release);
+        bulk.join().expect("bulk sender");
+        // Let b drain what is in flight before the next case.
+        thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Release);
+        let (bytes, elapsed) = echo.join().expect("echo");
+        (hist, bytes as f64 / elapsed.as_secs_f64() / 1e6)
+    }
+
+    fn stop(self) {
+        self.a.stop(Duration::from_millis(200));
+        self.b.stop(Duration::from_millis(200));
+        if let Some(dir) = self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn send(node: &Node, peer: &str, stream: i64, data: Bytes, urgent: bool) {
+    loop {
+        let since = node.writable_generation();
+        let sent = if urgent {
+            node.send_urgent(peer, stream, data.clone())
+        } else {
+            node.send(peer, stream, data.clone())
+        };
+        match sent {
+            Ok(()) => return,
+            Err(libatbus::node::SendError::WouldBlock { .. }) => {
+                node.wait_writable(since, Duration::from_millis(10));
+            }
+            Err(e) => panic!("send to {peer}: {e}"),
+        }
+    }
+}
+
+fn ping(node: &Node, trips: usize, stream: i64, urgent: bool) -> Histogram<u64> {
+    let mut hist = histogram();
+    let data = Bytes::from(vec![0x11u8; PING]);
+    let warmup = (trips / 10).max(10);
+    for i in 0..trips + warmup {
+        let started = Instant::now();
+        send(node, PEER_B, stream, data.clone(), urgent);
+        loop {
+            match node.recv_timeout(Duration::from_secs(10)) {
+                Some(m) if m.stream_id == stream => break,
+                Some(_) => continue,
+                None => panic!("pong {i} never came"),
+            }
+        }
+        if i >= warmup {
+            let _ = hist.record(started.elapsed().as_nanos() as u64);
+        }
+    }
+    hist
+}
+
+// ---- raw-socket baselines -------------------------------------------------
+
+/// Messages/s of the same traffic over a bare socket, and messages lost.
+fn baseline_throughput(transport: &str, payload: usize, messages: u64) -> (f64, u64) {
+    match transport {
+        "tcp" => {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let rx = thread::spawn(move || {
+                pin(1);
+                let (socket, _) = listener.accept().expect("accept");
+                read_framed(socket, payload, messages)
+            });
+            let socket = TcpStream::connect(addr).expect("connect");
+            let _ = socket.set_nodelay(true);
+            (messages as f64 / write_framed(socket, payload, messages, rx), 0)
+        }
+        "unix" => {
+            let path = std::env::temp_dir().join(format!("atbus-base-{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).expect("bind");
+            let rx = thread::spawn(move || {
+                pin(1);
+                let (socket, _) = listener.accept().expect("accept");
+                read_framed(socket, payload, messages)
+            });
+            let socket = UnixStream::connect(&path).expect("connect");
+            let rate = messages as f64 / write_framed(socket, payload, messages, rx);
+            let _ = std::fs::remove_file(&path);
+            (rate, 0)
+        }
+        "udp" => udp_throughput(payload, messages),
+        "mem" => {
+            let (tx, rx) = crossbeam_channel::bounded::<Bytes>(65_536);
+            let reader = thread::spawn(move || {
+                pin(1);
+                for _ in 0..messages {
+                    rx.recv().expect("channel");
+                }
+                Instant::now()
+            });
+            pin(0);
+            let data = Bytes::from(vec![0xa5u8; payload]);
+            let started = Instant::now();
+            for _ in 0..messages {
+                tx.send(data.clone()).expect("channel");
+            }
+            let done = reader.join().expect("reader");
+            (messages as f64 / (done - started).as_secs_f64(), 0)
+        }
+        other => panic!("unknown transport {other}"),
+    }
+}
+
+fn write_framed(socket: impl Write, payload: usize, messages: u64, rx: thread::JoinHandle<Instant>) -> f64 {
+    pin(0);
+    let data = vec![0xa5u8; payload];
+    let mut out = BufWriter::with_capacity(256 * 1024, socket);
+    let started = Instant::now();
+    for _ in 0..messages {
+        out.write_all(&(payload as u32).to_le_bytes()).expect("write");
+        out.write_all(&data).expect("write");
+    }
+    out.flush().expect("flush");
+    let done = rx.join().expect("reader");
+    (done - started).as_secs_f64()
+}
+
+fn read_framed(socket: impl Read, payload: usize, messages: u64) -> Instant {
+    let mut input = BufReader::with_capacity(256 * 1024, socket);
+    let mut buf = vec![0u8; payload];
+    let mut len = [0u8; 4];
+    for _ in 0..messages {
+        input.read_exact(&mut len).expect("read");
+        let n = u32::from_le_bytes(len) as usize;
+        input.read_exact(&mut buf[..n]).expect("read");
+    }
+    Instant::now()
+}
+
+fn udp_throughput(payload: usize, messages: u64) -> (f64, u64) {
+    let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = rx.local_addr().expect("addr");
+    rx.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let reader = thread::spawn(move || {
+        pin(1);
+        let mut buf = vec![0u8; 65_536];
+        let mut got = 0u64;
+        let mut last = Instant::now();
+        while got < messages {
+            match rx.recv(&mut buf) {
+                Ok(_) => {
+                    got += 1;
+                    last = Instant::now();
+                }
+                Err(_) => break, // the rest was dropped
+            }
+        }
+        (got, last)
+    });
+    pin(0);
+    let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    tx.connect(addr).expect("connect");
+    let data = vec![0xa5u8; payload];
+    let started = Instant::now();
+    for _ in 0..messages {
+        let _ = tx.send(&data);
+    }
+    let (got, last) = reader.join().expect("reader");
+    (got as f64 / (last - started).as_secs_f64(), messages - got)
+}
+
+/// 64 B ping-pong over a bare socket between two pinned threads.
+fn baseline_rtt(transport: &str, trips: usize) -> Histogram<u64> {
+    let total = trips + (trips / 10).max(10);
+    match transport {
+        "tcp" => {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let server = thread::spawn(move || {
+                pin(1);
+                let (socket, _) = listener.accept().expect("accept");
+                let _ = socket.set_nodelay(true);
+                echo_stream(socket, total);
+            });
+            let socket = TcpStream::connect(addr).expect("connect");
+            let _ = socket.set_nodelay(true);
+            let hist = ping_stream(socket, trips, total);
+            server.join().expect("server");
+            hist
+        }
+        "unix" => {
+            let (a, b) = UnixStream::pair().expect("pair");
+            let server = thread::spawn(move || {
+                pin(1);
+                echo_stream(b, total);
+            });
+            let hist = ping_stream(a, trips, total);
+            server.join().expect("server");
+            hist
+        }
+        "udp" => {
+            let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let (addr_a, addr_b): (SocketAddr, SocketAddr) = (a.local_addr().expect("a"), b.local_addr().expect("b"));
+            a.connect(addr_b).expect("connect");
+            b.connect(addr_a).expect("connect");
+            let server = thread::spawn(move || {
+                pin(1);
+                let mut buf = [0u8; PING];
+                for _ in 0..total {
+                    let n = b.recv(&mut buf).expect("recv");
+                    b.send(&buf[..n]).expect("send");
+                }
+            });
+            pin(0);
+            let mut hist = histogram();
+            let mut buf = [0u8; PING];
+            for i in 0..total {
+                let started = Instant::now();
+                a.send(&buf).expect("send");
+                a.recv(&mut buf).expect("recv");
+                if i >= total - trips {
+                    let _ = hist.record(started.elapsed().as_nanos() as u64);
+                }
+            }
+            server.join().expect("server");
+            hist
+        }
+        "mem" => {
+            let (to_b, from_a) = crossbeam_channel::bounded::<Bytes>(1);
+            let (to_a, from_b) = crossbeam_channel::bounded::<Bytes>(1);
+            let server = thread::spawn(move || {
+                pin(1);
+                for _ in 0..total {
+                    let m = from_a.recv().expect("recv");
+                    to_a.send(m).expect("send");
+                }
+            });
+            pin(0);
+            let mut hist = histogram();
+            let data = Bytes::from(vec![0u8; PING]);
+            for i in 0..total {
+                let started = Instant::now();
+                to_b.send(data.clone()).expect("send");
+                from_b.recv().expect("recv");
+                if i >= total - trips {
+                    let _ = hist.record(started.elapsed().as_nanos() as u64);
+                }
+            }
+            server.join().expect("server");
+            hist
+        }
+        other => panic!("unknown transport {other}"),
+    }
+}
+
+fn echo_stream(mut socket: impl Read + Write, total: usize) {
+    let mut buf = [0u8; PING];
+    for _ in 0..total {
+        socket.read_exact(&mut buf).expect("read");
+        socket.write_all(&buf).expect("write");
+    }
+}
+
+fn ping_stream(mut socket: impl Read + Write, trips: usize, total: usize) -> Histogram<u64> {
+    pin(0);
+    let mut hist = histogram();
+    let mut buf = [0u8; PING];
+    for i in 0..total {
+        let started = Instant::now();
+        socket.write_all(&buf).expect("write");
+        socket.read_exact(&mut buf).expect("read");
+        if i >= total - trips {
+            let _ = hist.record(started.elapsed().as_nanos() as u64);
+        }
+    }
+    hist
+}
