@@ -14,11 +14,14 @@
 //!     │
 //!   connection          tcp · unix · udp · quic · mem
 //!     │
-//!   frame codec         bytes ⇄ frame_message       ← this crate so far
+//!   frame codec         bytes ⇄ frame_message
 //! ```
 //!
-//! What is here today: the protocol types ([`proto`]) and the wire codec
-//! ([`frame`]). The layers above arrive one by one; each is a module.
+//! What is here today: the protocol types ([`proto`]), the wire codec
+//! ([`frame`]), the sans-IO stream layer ([`stream`]), discovery records and
+//! backends ([`discovery`]), and the data plane: pinned glommio shards
+//! ([`runtime`]), socket transports ([`transport`]) and the [`node`]. Routing
+//! through discovery, relays and authentication arrive one by one.
 //!
 //! ```
 //! use bytes::{Bytes, BytesMut};

@@ -317,6 +317,9 @@ struct Shared {
     /// A shard holds messages because the application queue was full.
     app_blocked: AtomicBool,
     send_queues: Vec<ArrayQueue<Outgoing>>,
+    /// Per shard: a drain of its send queue is scheduled and has not started
+    /// yet (one job and one wake-up per burst, not per message).
+    drain_scheduled: Vec<AtomicBool>,
     /// Bumped whenever some window or queue frees space.
     writable: (Mutex<u64>, Condvar),
     /// Same-process senders waiting for room in this node's queue.
@@ -416,6 +419,7 @@ impl Node {
         let (urgent_tx, urgent_rx) = crossbeam_channel::bounded(config.recv_queue);
         let shards = runtime.shards().to_vec();
         let send_queues = shards.iter().map(|_| ArrayQueue::new(config.send_queue)).collect();
+        let shards_len = shards.len();
         let shared = Arc::new(Shared {
             name: Arc::from(config.name.as_str()),
             incarnation: fastrand::u64(1..),
@@ -427,6 +431,7 @@ impl Node {
             urgent_rx,
             app_blocked: AtomicBool::new(false),
             send_queues,
+            drain_scheduled: (0..shards_len).map(|_| AtomicBool::new(false)).collect(),
             writable: (Mutex::new(0), Condvar::new()),
             mem_waiters: Mutex::new(Vec::new()),
             mem_waiting: AtomicBool::new(false),
@@ -573,7 +578,10 @@ impl Node {
                         queue: "send_queue",
                     });
                 }
-                self.shared.shards[home].submit(shard::drain_send_queue);
+                drop(peers);
+                if !self.shared.drain_scheduled[home].swap(true, Ordering::AcqRel) {
+                    self.shared.shards[home].submit(shard::drain_send_queue);
+                }
                 Ok(())
             }
         }

@@ -462,6 +462,9 @@ pub(super) fn drain_send_queue() {
     let Some(state) = local() else {
         return;
     };
+    // Cleared before popping: a message pushed after the last pop schedules
+    // another drain.
+    state.shared.drain_scheduled[state.index].store(false, Ordering::Release);
     let queue = &state.shared.send_queues[state.index];
     let mut touched: Vec<Rc<Endpoint>> = Vec::new();
     let mut freed = false;

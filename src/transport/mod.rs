@@ -199,6 +199,21 @@ impl Link for UdpLink {
     }
 
     async fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        // A datagram send rarely blocks: try the plain non-blocking syscall
+        // first (one per datagram instead of an io_uring submission and
+        // completion round trip each), and queue on the ring only when the
+        // socket buffer is full.
+        // SAFETY: the descriptor belongs to `self.socket`, alive meanwhile.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) };
+        let socket = socket2::SockRef::from(&fd);
+        let now = match self.inbox {
+            None => socket.send(buf),
+            Some(_) => socket.send_to(buf, &self.peer.into()),
+        };
+        match now {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
         let sent = match self.inbox {
             None => self.socket.send(buf).await,
             Some(_) => self.socket.send_to(buf, self.peer).await,
