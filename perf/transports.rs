@@ -546,17 +546,11 @@ fn baseline_rtt(transport: &str, trips: usize) -> Histogram<u64> {
                     b.send(&buf[..n]).expect("send");
                 }
             });
-            pin(0);
-            let mut hist = histogram();
             let mut buf = [0u8; PING];
-            for i in 0..total {
-                let started = Instant::now();
+            let hist = timed_round_trips(trips, total, || {
                 a.send(&buf).expect("send");
                 a.recv(&mut buf).expect("recv");
-                if i >= total - trips {
-                    let _ = hist.record(started.elapsed().as_nanos() as u64);
-                }
-            }
+            });
             server.join().expect("server");
             hist
         }
@@ -570,17 +564,11 @@ fn baseline_rtt(transport: &str, trips: usize) -> Histogram<u64> {
                     to_a.send(m).expect("send");
                 }
             });
-            pin(0);
-            let mut hist = histogram();
             let data = Bytes::from(vec![0u8; PING]);
-            for i in 0..total {
-                let started = Instant::now();
+            let hist = timed_round_trips(trips, total, || {
                 to_b.send(data.clone()).expect("send");
                 from_b.recv().expect("recv");
-                if i >= total - trips {
-                    let _ = hist.record(started.elapsed().as_nanos() as u64);
-                }
-            }
+            });
             server.join().expect("server");
             hist
         }
@@ -597,13 +585,21 @@ fn echo_stream(mut socket: impl Read + Write, total: usize) {
 }
 
 fn ping_stream(mut socket: impl Read + Write, trips: usize, total: usize) -> Histogram<u64> {
-    pin(0);
-    let mut hist = histogram();
     let mut buf = [0u8; PING];
-    for i in 0..total {
-        let started = Instant::now();
+    timed_round_trips(trips, total, || {
         socket.write_all(&buf).expect("write");
         socket.read_exact(&mut buf).expect("read");
+    })
+}
+
+/// Runs `total` round trips on core 0; the last `trips` (after warm-up) go
+/// into the histogram.
+fn timed_round_trips(trips: usize, total: usize, mut round_trip: impl FnMut()) -> Histogram<u64> {
+    pin(0);
+    let mut hist = histogram();
+    for i in 0..total {
+        let started = Instant::now();
+        round_trip();
         if i >= total - trips {
             let _ = hist.record(started.elapsed().as_nanos() as u64);
         }

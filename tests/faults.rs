@@ -164,6 +164,35 @@ fn bad_peers_are_closed_while_a_healthy_one_flows() {
         reason.message
     );
 
+    // 1b. A handshake that does not decode, and one with an invalid name:
+    //     both refused with a reason.
+    let mut broken = TcpStream::connect(target).expect("connect");
+    let bad_hello = FrameMessage {
+        head: None,
+        body: Some(Body::Packet(PacketData {
+            stream_id: HANDSHAKE_STREAM,
+            content: Bytes::from_static(&[0xff, 0xff, 0xff]),
+            ..Default::default()
+        })),
+    };
+    broken.write_all(&encode(&bad_hello)).expect("write");
+    let reason = close_reason(broken);
+    assert_eq!(reason.code(), AtbusCloseReason::BadFrame, "{reason:?}");
+    assert!(
+        reason.message.contains("undecodable handshake"),
+        "clear reason: {}",
+        reason.message
+    );
+    let mut misnamed = TcpStream::connect(target).expect("connect");
+    misnamed.write_all(&encode(&handshake("Not A Name!"))).expect("write");
+    let reason = close_reason(misnamed);
+    assert_eq!(reason.code(), AtbusCloseReason::Unauthorized, "{reason:?}");
+    assert!(
+        reason.message.contains("invalid peer name"),
+        "clear reason: {}",
+        reason.message
+    );
+
     // 2. A correct handshake, then frames whose hash is wrong: tolerated up to
     //    max_bad_frames, then BAD_FRAME.
     let mut liar = TcpStream::connect(target).expect("connect");
@@ -206,7 +235,7 @@ fn bad_peers_are_closed_while_a_healthy_one_flows() {
     assert_eq!(received, sent, "every healthy message arrived, in order");
     let stats = server.stats();
     assert_eq!(stats.closed_bad_frame, 2, "{stats:?}");
-    assert_eq!(stats.handshake_failures, 1, "{stats:?}");
+    assert_eq!(stats.handshake_failures, 3, "{stats:?}");
     assert!(stats.bad_frames >= 9, "{stats:?}");
     assert_eq!(
         healthy.stats().connections_closed,

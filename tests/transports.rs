@@ -144,3 +144,69 @@ fn mem_two_shards() {
         t.join().expect("no thread panicked");
     }
 }
+
+/// What the stream layer would refuse is refused at `send`, on every route,
+/// before anything is queued.
+#[test]
+fn refused_messages_are_reported_to_the_caller() {
+    use libatbus::node::SendError;
+    use libatbus::stream::SendError as StreamError;
+    let tag = std::process::id();
+    let mut config = NodeConfig::new("refuser", &[&format!("mem://refuser-{tag}")]).expect("config");
+    config.stream.max_message_len = 1024;
+    config.stream.recv_window = 1024;
+    let node = Node::start(config).expect("node starts");
+    let sink = node_with("sink", &format!("mem://sink-{tag}"));
+    node.add_route("far", "tcp://127.0.0.1:9".parse().expect("addr"))
+        .expect("route");
+    node.add_route("sink", format!("mem://sink-{tag}").parse().expect("addr"))
+        .expect("route");
+    for peer in ["far", "sink"] {
+        let reserved = node.send(peer, -1, Bytes::from_static(b"x"));
+        assert!(
+            matches!(reserved, Err(SendError::ReservedStream { stream_id: -1, .. })),
+            "{reserved:?}"
+        );
+        let empty = node.send(peer, 1, Bytes::new());
+        assert!(
+            matches!(
+                empty,
+                Err(SendError::Stream {
+                    source: StreamError::EmptyMessage { .. },
+                    ..
+                })
+            ),
+            "{empty:?}"
+        );
+        let unknown = node.send("nobody", 1, Bytes::from_static(b"x"));
+        assert!(matches!(unknown, Err(SendError::UnknownPeer(_))), "{unknown:?}");
+    }
+    // Too large for this node's stream layer (tcp route) / the sink's (mem).
+    let large = node.send("far", 1, Bytes::from(vec![0u8; 2048]));
+    assert!(
+        matches!(
+            large,
+            Err(SendError::Stream {
+                source: StreamError::MessageTooLarge {
+                    len: 2048,
+                    max: 1024,
+                    ..
+                },
+                ..
+            })
+        ),
+        "{large:?}"
+    );
+    let fits = node.send("sink", 1, Bytes::from(vec![0u8; 2048]));
+    assert!(fits.is_ok(), "the sink's own limit is the default 4 MiB: {fits:?}");
+    assert_eq!(
+        sink.recv_timeout(Duration::from_secs(5)).map(|m| m.data.len()),
+        Some(2048)
+    );
+    node.stop(Duration::from_millis(100));
+    sink.stop(Duration::from_millis(100));
+}
+
+fn node_with(name: &str, listen: &str) -> Node {
+    Node::start(NodeConfig::new(name, &[listen]).expect("config")).expect("node starts")
+}

@@ -543,10 +543,6 @@ async fn handshake<L: Link>(
 ) -> Result<HandshakeData, End> {
     let config = &state.shared.config;
     let deadline = Instant::now() + config.connect_timeout;
-    let refuse = |code: AtbusCloseReason, message: String| {
-        tracing::warn!(node = %state.shared.name, "handshake on {origin} refused: {message}");
-        End::Closed(reason(code, message))
-    };
     write_frame(state, link, &hello_frame(state, false, latency))
         .await
         .map_err(|e| End::Io(e.to_string()))?;
@@ -583,77 +579,73 @@ async fn handshake<L: Link>(
         // One frame at a time: whatever follows the peer's handshake stays in
         // the reader for the connection (or the shard it is handed to).
         while let Some(frame) = reader.next_frame() {
-            let frame = match frame {
-                Ok(frame) => frame,
-                Err(DecodeError::UnsupportedVersion { version, min, max }) => {
-                    let end = refuse(
-                        AtbusCloseReason::UnsupportedVersion,
-                        format!("protocol version {version} not supported ({min}..={max})"),
-                    );
-                    if let End::Closed(r) = &end {
-                        let _ = write_frame(state, link, &close_frame(r.clone())).await;
-                    }
-                    return Err(end);
-                }
-                Err(e) if e.is_fatal() || !link.is_datagram() => {
-                    let end = refuse(
-                        AtbusCloseReason::BadFrame,
-                        format!("bad frame during the handshake: {e}"),
-                    );
-                    if let End::Closed(r) = &end {
-                        let _ = write_frame(state, link, &close_frame(r.clone())).await;
-                    }
-                    return Err(end);
-                }
-                Err(_) => continue,
-            };
-            let hello = match parse_hello(&frame) {
-                // Stream data ahead of the handshake (a datagram race): the
-                // stream layer resends it.
-                None => continue,
-                Some(Err(message)) => return Err(refuse(AtbusCloseReason::BadFrame, message)),
-                Some(Ok(hello)) => hello,
-            };
-            let refusal = if hello.version < crate::frame::MIN_PROTOCOL_VERSION as i32 {
-                Some((
+            let (code, message) = match frame {
+                Err(DecodeError::UnsupportedVersion { version, min, max }) => (
                     AtbusCloseReason::UnsupportedVersion,
-                    format!(
-                        "peer speaks protocol version {}, below the minimum {}",
-                        hello.version,
-                        crate::frame::MIN_PROTOCOL_VERSION as i32
-                    ),
-                ))
-            } else if let Err(e) = crate::discovery::validate::dns_subdomain(&hello.node_name) {
-                Some((
-                    AtbusCloseReason::Unauthorized,
-                    format!("invalid peer name {:?}: {e}", hello.node_name),
-                ))
-            } else if hello.node_name == *state.shared.name {
-                Some((AtbusCloseReason::Unauthorized, "connected to itself".to_string()))
-            } else if expected.is_some_and(|name| name != hello.node_name) {
-                Some((
-                    AtbusCloseReason::Unauthorized,
-                    format!(
-                        "expected peer {:?}, found {:?}",
-                        expected.unwrap_or_default(),
-                        hello.node_name
-                    ),
-                ))
-            } else {
-                None
+                    format!("protocol version {version} not supported ({min}..={max})"),
+                ),
+                Err(e) if e.is_fatal() || !link.is_datagram() => (
+                    AtbusCloseReason::BadFrame,
+                    format!("bad frame during the handshake: {e}"),
+                ),
+                // A damaged datagram: the peer resends its handshake.
+                Err(_) => continue,
+                Ok(frame) => match parse_hello(&frame) {
+                    // Stream data ahead of the handshake (a datagram race):
+                    // the stream layer resends it.
+                    None => continue,
+                    Some(Err(message)) => (AtbusCloseReason::BadFrame, message),
+                    Some(Ok(hello)) => match check_hello(state, &hello, expected) {
+                        Ok(()) => {
+                            if link.is_datagram() && !hello.acknowledge {
+                                let _ = write_frame(state, link, &hello_frame(state, true, latency)).await;
+                            }
+                            return Ok(hello);
+                        }
+                        Err(refusal) => refusal,
+                    },
+                },
             };
-            if let Some((code, message)) = refusal {
-                let end = refuse(code, message);
-                if let End::Closed(r) = &end {
-                    let _ = write_frame(state, link, &close_frame(r.clone())).await;
-                }
-                return Err(end);
-            }
-            if link.is_datagram() && !hello.acknowledge {
-                let _ = write_frame(state, link, &hello_frame(state, true, latency)).await;
-            }
-            return Ok(hello);
+            // Every refusal is logged and told to the peer before closing.
+            tracing::warn!(node = %state.shared.name, "handshake on {origin} refused: {message}");
+            let refusal = reason(code, message);
+            let _ = write_frame(state, link, &close_frame(refusal.clone())).await;
+            return Err(End::Closed(refusal));
         }
+    }
+}
+
+/// Whether this node talks to the peer that sent `hello`.
+fn check_hello(
+    state: &ShardState,
+    hello: &HandshakeData,
+    expected: Option<&str>,
+) -> Result<(), (AtbusCloseReason, String)> {
+    let minimum = crate::frame::MIN_PROTOCOL_VERSION as i32;
+    if hello.version < minimum {
+        return Err((
+            AtbusCloseReason::UnsupportedVersion,
+            format!(
+                "peer speaks protocol version {}, below the minimum {minimum}",
+                hello.version
+            ),
+        ));
+    }
+    if let Err(e) = crate::discovery::validate::dns_subdomain(&hello.node_name) {
+        return Err((
+            AtbusCloseReason::Unauthorized,
+            format!("invalid peer name {:?}: {e}", hello.node_name),
+        ));
+    }
+    if hello.node_name == *state.shared.name {
+        return Err((AtbusCloseReason::Unauthorized, "connected to itself".to_string()));
+    }
+    match expected {
+        Some(name) if name != hello.node_name => Err((
+            AtbusCloseReason::Unauthorized,
+            format!("expected peer {name:?}, found {:?}", hello.node_name),
+        )),
+        _ => Ok(()),
     }
 }
 

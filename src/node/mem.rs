@@ -53,20 +53,7 @@ pub(super) fn send(
     let Some(target) = target.upgrade().filter(|t| !t.stopping.load(Ordering::Acquire)) else {
         return Err(SendError::UnknownPeer(format!("{peer} (mem peer stopped)")));
     };
-    if data.is_empty() || data.len() > target.config.stream.max_message_len {
-        return Err(SendError::Stream {
-            peer: peer.to_string(),
-            source: if data.is_empty() {
-                crate::stream::SendError::EmptyMessage { stream_id }
-            } else {
-                crate::stream::SendError::MessageTooLarge {
-                    stream_id,
-                    len: data.len(),
-                    max: target.config.stream.max_message_len,
-                }
-            },
-        });
-    }
+    super::check_message(peer, stream_id, &data, target.config.stream.max_message_len)?;
     let message = Message {
         from: from.name.clone(),
         stream_id,

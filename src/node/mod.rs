@@ -233,9 +233,18 @@ pub enum SendError {
     /// No route to this name and no connection from it.
     #[error("unknown peer {0:?}: no route and no connection (add a route or check discovery)")]
     UnknownPeer(String),
+    /// Stream ids below 0 belong to the bus itself (control, handshake).
+    #[error("send to {peer:?}: stream {stream_id} is reserved (application streams are 0 and up)")]
+    ReservedStream {
+        /// The peer.
+        peer: String,
+        /// The stream asked for.
+        stream_id: StreamId,
+    },
     /// A queue on the way is full (`stream.send_window` for the stream,
-    /// `send_queue` for the cross-thread queue, the peer's `recv_queue` for
-    /// same-process peers); wait with [`Node::wait_writable`].
+    /// `send_buffer` / `send_queue` on the way to the shard, the peer's
+    /// `recv_queue` for same-process peers); wait with
+    /// [`Node::wait_writable`].
     #[error("send to {peer:?}: {queue} is full (would block)")]
     WouldBlock {
         /// The peer.
@@ -254,6 +263,26 @@ pub enum SendError {
     /// The node is stopping.
     #[error("node stopped")]
     Stopped,
+}
+
+/// What the stream layer would refuse of any message, checked before it is
+/// queued: empty, or longer than `max`.
+fn check_message(peer: &str, stream_id: StreamId, data: &Bytes, max: usize) -> Result<(), SendError> {
+    let refused = if data.is_empty() {
+        stream::SendError::EmptyMessage { stream_id }
+    } else if data.len() > max {
+        stream::SendError::MessageTooLarge {
+            stream_id,
+            len: data.len(),
+            max,
+        }
+    } else {
+        return Ok(());
+    };
+    Err(SendError::Stream {
+        peer: peer.to_string(),
+        source: refused,
+    })
 }
 
 /// Node-wide counters (lifetime totals).
@@ -302,6 +331,51 @@ struct Outgoing {
     urgent: bool,
 }
 
+/// "Some queue or window freed space": a generation counter that shards bump
+/// on every drain (lock-free), and a condvar only for threads that wait.
+#[derive(Debug, Default)]
+struct Writable {
+    generation: AtomicU64,
+    waiters: AtomicUsize,
+    lock: Mutex<()>,
+    cvar: Condvar,
+}
+
+impl Writable {
+    fn notify(&self) {
+        // SeqCst pairs with `wait`: either the waiter sees the new generation,
+        // or this sees the waiter and wakes it under the lock.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0
+            && let Ok(_guard) = self.lock.lock()
+        {
+            self.cvar.notify_all();
+        }
+    }
+
+    fn wait(&self, since: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.lock.lock().ok();
+        let current = loop {
+            let current = self.generation.load(Ordering::SeqCst);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if current != since || left.is_zero() {
+                break current;
+            }
+            // A poisoned lock: no sleeping, the caller retries.
+            let Some(held) = guard.take() else { break current };
+            match self.cvar.wait_timeout(held, left) {
+                Ok((held, _)) => guard = Some(held),
+                Err(_) => break current,
+            }
+        };
+        drop(guard);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        current
+    }
+}
+
 /// State shared by the handle and every shard.
 struct Shared {
     name: Arc<str>,
@@ -321,7 +395,7 @@ struct Shared {
     /// yet (one job and one wake-up per burst, not per message).
     drain_scheduled: Vec<AtomicBool>,
     /// Bumped whenever some window or queue frees space.
-    writable: (Mutex<u64>, Condvar),
+    writable: Writable,
     /// Same-process senders waiting for room in this node's queue.
     mem_waiters: Mutex<Vec<std::sync::Weak<Shared>>>,
     mem_waiting: AtomicBool,
@@ -359,11 +433,7 @@ impl Shared {
     }
 
     fn notify_writable(&self) {
-        let (lock, cvar) = &self.writable;
-        if let Ok(mut generation) = lock.lock() {
-            *generation += 1;
-            cvar.notify_all();
-        }
+        self.writable.notify();
     }
 
     /// Hands a received message to the application; `Err` gives it back when
@@ -432,7 +502,7 @@ impl Node {
             app_blocked: AtomicBool::new(false),
             send_queues,
             drain_scheduled: (0..shards_len).map(|_| AtomicBool::new(false)).collect(),
-            writable: (Mutex::new(0), Condvar::new()),
+            writable: Writable::default(),
             mem_waiters: Mutex::new(Vec::new()),
             mem_waiting: AtomicBool::new(false),
             listening: Mutex::new(Vec::new()),
@@ -525,9 +595,9 @@ impl Node {
             return Err(SendError::Stopped);
         }
         if stream_id < 0 {
-            return Err(SendError::Stream {
+            return Err(SendError::ReservedStream {
                 peer: peer.to_string(),
-                source: stream::SendError::EmptyMessage { stream_id },
+                stream_id,
             });
         }
         let Ok(peers) = self.shared.peers.read() else {
@@ -544,12 +614,9 @@ impl Node {
             }
             Route::Shard { home, queued } => {
                 let home = *home;
-                if data.is_empty() {
-                    return Err(SendError::Stream {
-                        peer: peer.to_string(),
-                        source: stream::SendError::EmptyMessage { stream_id },
-                    });
-                }
+                // Checked here: once queued for the shard, a refusal could
+                // no longer reach the caller.
+                check_message(peer, stream_id, &data, self.shared.config.stream.max_message_len)?;
                 if let Some(result) = shard::send_local(&self.shared, home, to, stream_id, &data, urgent) {
                     return result;
                 }
@@ -591,28 +658,12 @@ impl Node {
     /// Returns at once if space was freed since `since` (a value from
     /// [`Node::writable_generation`]).
     pub fn wait_writable(&self, since: u64, timeout: Duration) -> u64 {
-        let (lock, cvar) = &self.shared.writable;
-        let Ok(guard) = lock.lock() else {
-            return since;
-        };
-        let deadline = Instant::now() + timeout;
-        let mut guard = guard;
-        while *guard == since {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match cvar.wait_timeout(guard, left) {
-                Ok((g, _)) => guard = g,
-                Err(_) => return since,
-            }
-        }
-        *guard
+        self.shared.writable.wait(since, timeout)
     }
 
     /// Current writability generation (see [`Node::wait_writable`]).
     pub fn writable_generation(&self) -> u64 {
-        self.shared.writable.0.lock().map(|g| *g).unwrap_or(0)
+        self.shared.writable.generation.load(Ordering::SeqCst)
     }
 
     /// Sends, waiting while the way is full, up to `timeout` in total.
