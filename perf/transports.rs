@@ -92,7 +92,8 @@ struct Rtt<'a> {
 struct Class<'a> {
     kind: &'static str,
     transport: &'a str,
-    /// `idle` (no bulk), `throughput` (send), `latency` (send_urgent).
+    /// `idle` (no bulk), `throughput` (send), `latency` (send_urgent), and
+    /// `raw`: bare sockets, a ping-pong on one while bulk floods another.
     class: &'static str,
     bulk_mb_per_s: f64,
     round_trips: usize,
@@ -170,6 +171,20 @@ fn main() {
                     max_us: us(hist.max()),
                 });
             }
+            let (hist, bulk) = isolated({
+                let (transport, rate) = (transport.clone(), args.bulk_rate);
+                move || baseline_under_bulk(&transport, trips, rate)
+            });
+            print_json(&Class {
+                kind: "class",
+                transport,
+                class: "raw",
+                bulk_mb_per_s: bulk,
+                round_trips: trips,
+                p50_us: us(hist.value_at_quantile(0.5)),
+                p99_us: us(hist.value_at_quantile(0.99)),
+                max_us: us(hist.max()),
+            });
         }
         pair.stop();
     }
@@ -605,4 +620,128 @@ fn timed_round_trips(trips: usize, total: usize, mut round_trip: impl FnMut()) -
         }
     }
     hist
+}
+
+/// A connected byte-stream socket of either kind.
+trait Duplex: Read + Write + Send {}
+impl<T: Read + Write + Send> Duplex for T {}
+
+/// Two ends of a fresh tcp or unix connection.
+fn stream_pair(transport: &str) -> (Box<dyn Duplex>, Box<dyn Duplex>) {
+    if transport == "unix" {
+        let (a, b) = UnixStream::pair().expect("pair");
+        return (Box::new(a), Box::new(b));
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (b, _) = listener.accept().expect("accept");
+    let _ = a.set_nodelay(true);
+    let _ = b.set_nodelay(true);
+    (Box::new(a), Box::new(b))
+}
+
+/// The raw-socket counterpart of `Pair::under_bulk`: 16 KiB writes flood one
+/// socket (writer on core 0, reader on core 1) while a 64 B ping-pong runs on
+/// another. Returns the ping histogram and the bulk MB/s.
+fn baseline_under_bulk(transport: &str, trips: usize, rate_mb: f64) -> (Histogram<u64>, f64) {
+    let total = trips + (trips / 10).max(10);
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = move |started: Instant, sent: f64| {
+        if rate_mb > 0.0
+            && let Some(ahead) = Duration::from_secs_f64(sent / (rate_mb * 1e6)).checked_sub(started.elapsed())
+        {
+            thread::sleep(ahead);
+        }
+    };
+    let (bulk_writer, bulk_reader, echo) = if transport == "udp" {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        tx.connect(rx.local_addr().expect("addr")).expect("connect");
+        rx.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+        let writer = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                pin(0);
+                let (data, started, mut sent) = (vec![0x5au8; BULK], Instant::now(), 0f64);
+                while !stop.load(Ordering::Acquire) {
+                    let _ = tx.send(&data);
+                    sent += BULK as f64;
+                    pace(started, sent);
+                }
+            })
+        };
+        let reader = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                pin(1);
+                let (mut buf, started, mut bytes) = (vec![0u8; 65_536], Instant::now(), 0u64);
+                while !stop.load(Ordering::Acquire) {
+                    if let Ok(n) = rx.recv(&mut buf) {
+                        bytes += n as u64;
+                    }
+                }
+                bytes as f64 / started.elapsed().as_secs_f64() / 1e6
+            })
+        };
+        let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        a.connect(b.local_addr().expect("b")).expect("connect");
+        b.connect(a.local_addr().expect("a")).expect("connect");
+        let echo = thread::spawn(move || {
+            pin(1);
+            let mut buf = [0u8; PING];
+            for _ in 0..total {
+                let n = b.recv(&mut buf).expect("recv");
+                b.send(&buf[..n]).expect("send");
+            }
+        });
+        thread::sleep(Duration::from_millis(200));
+        let mut buf = [0u8; PING];
+        let hist = timed_round_trips(trips, total, || {
+            a.send(&buf).expect("send");
+            a.recv(&mut buf).expect("recv");
+        });
+        (writer, reader, (echo, hist))
+    } else {
+        let (mut tx, mut rx) = stream_pair(transport);
+        let writer = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                pin(0);
+                let (data, started, mut sent) = (vec![0x5au8; BULK], Instant::now(), 0f64);
+                while !stop.load(Ordering::Acquire) {
+                    if tx.write_all(&data).is_err() {
+                        break;
+                    }
+                    sent += BULK as f64;
+                    pace(started, sent);
+                }
+            })
+        };
+        let reader = thread::spawn(move || {
+            pin(1);
+            let (mut buf, started, mut bytes) = (vec![0u8; 256 * 1024], Instant::now(), 0u64);
+            while let Ok(n) = rx.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                bytes += n as u64;
+            }
+            bytes as f64 / started.elapsed().as_secs_f64() / 1e6
+        });
+        let (a, b) = stream_pair(transport);
+        let echo = thread::spawn(move || {
+            pin(1);
+            echo_stream(b, total);
+        });
+        thread::sleep(Duration::from_millis(200));
+        let hist = ping_stream(a, trips, total);
+        (writer, reader, (echo, hist))
+    };
+    let (echo, hist) = echo;
+    echo.join().expect("echo");
+    stop.store(true, Ordering::Release);
+    bulk_writer.join().expect("bulk writer");
+    let bulk = bulk_reader.join().expect("bulk reader");
+    (hist, bulk)
 }

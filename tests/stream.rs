@@ -542,6 +542,11 @@ fn urgent_streams_use_the_latency_path() {
     }
     assert!(bulk_packets > 0 && sync_packets > 0);
     assert!(b.is_peer_urgent(SYNC) && !b.is_peer_urgent(BULK));
+    // Their messages come out of b's urgent event queue.
+    assert!(matches!(
+        b.poll_urgent_event(),
+        Some(Event::Message { stream_id: SYNC, .. })
+    ));
 
     // The ordinary path dies: its unacknowledged bulk goes to the latency path.
     a.remove_path(ordinary);

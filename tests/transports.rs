@@ -210,3 +210,51 @@ fn refused_messages_are_reported_to_the_caller() {
 fn node_with(name: &str, listen: &str) -> Node {
     Node::start(NodeConfig::new(name, &[listen]).expect("config")).expect("node starts")
 }
+
+/// A frame-sync message overtakes a full queue of ordinary ones, on the wire
+/// (latency path), on the sender (its own send budget) and at the receiver
+/// (its own application queue); the ordinary ones still all arrive, in order.
+#[test]
+fn urgent_message_overtakes_a_full_ordinary_queue() {
+    let tag = std::process::id();
+    let mut config = NodeConfig::new("slow-reader", &[&format!("unix://@atbus-slow-{tag}")]).expect("config");
+    config.recv_queue = 16;
+    let reader = Node::start(config).expect("node starts");
+    let writer = node("fast-writer", "tcp://127.0.0.1:0", 1);
+    writer
+        .add_route("slow-reader", reader.listen_addresses()[0].clone())
+        .expect("route");
+    const BULK: u64 = 500;
+    for seq in 0..BULK {
+        writer
+            .send_blocking("slow-reader", 1, payload(seq, 1024), Duration::from_secs(10))
+            .expect("bulk send");
+    }
+    // The reader's ordinary queue fills; the rest waits in its session.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reader.stats().messages_received < 16 {
+        assert!(Instant::now() < deadline, "bulk never arrived");
+        thread::sleep(Duration::from_millis(5));
+    }
+    writer
+        .send_urgent("slow-reader", 9, Bytes::from_static(b"tick"))
+        .expect("urgent send");
+    // It reaches the application although the ordinary queue is full.
+    while reader.stats().messages_received < 17 {
+        assert!(Instant::now() < deadline, "the tick never reached the application");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let first = reader.recv_timeout(Duration::from_secs(10)).expect("a message");
+    assert_eq!(
+        (first.stream_id, &first.data[..]),
+        (9, &b"tick"[..]),
+        "the tick comes first"
+    );
+    for seq in 0..BULK {
+        let message = reader.recv_timeout(Duration::from_secs(10)).expect("bulk message");
+        assert_eq!(message.stream_id, 1);
+        check(seq, &message.data);
+    }
+    writer.stop(Duration::from_millis(100));
+    reader.stop(Duration::from_millis(100));
+}

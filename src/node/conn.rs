@@ -459,7 +459,24 @@ pub(super) async fn adopted(
     };
 }
 
+/// Serves an established connection in its task class: a latency path's
+/// reader and writer run in the latency queue, ahead of bulk work.
 async fn established<L: Link>(
+    state: Rc<ShardState>,
+    link: Rc<L>,
+    reader: FrameReader,
+    hello: HandshakeData,
+    origin: String,
+) -> End {
+    let class = if hello.latency_path {
+        TaskClass::Latency
+    } else {
+        TaskClass::Throughput
+    };
+    runtime::run_in(class, serve(state, link, reader, hello, origin)).await
+}
+
+async fn serve<L: Link>(
     state: Rc<ShardState>,
     link: Rc<L>,
     mut reader: FrameReader,
@@ -489,9 +506,13 @@ async fn established<L: Link>(
     state.shared.counters.established.fetch_add(1, Ordering::Relaxed);
     tracing::info!(node = %state.shared.name, peer = %peer, path = path_id.0, "connected via {origin}");
     let dead = Rc::new(Notify::default());
-    // Writers are short (hand a buffer to the ring): they run in the latency
-    // class, so a frame-sync flush never waits behind bulk decoding.
-    let class = TaskClass::Latency;
+    // The writer runs in the connection's class, like its reader (see
+    // `established`): a latency path's flush never waits behind bulk work.
+    let class = if hello.latency_path {
+        TaskClass::Latency
+    } else {
+        TaskClass::Throughput
+    };
     {
         let (state, link, endpoint, dead) = (state.clone(), link.clone(), endpoint.clone(), dead.clone());
         runtime::spawn(class, async move {
@@ -725,6 +746,9 @@ async fn read_loop<L: Link>(
             endpoint.push_control(path_id, shard::ping_frame(epoch, false, None));
         }
         endpoint.drive(state);
+        // A busy bulk connection always has bytes to read: let the latency
+        // queue (frame-sync connections, the inbox) run when it asks to.
+        glommio::yield_if_needed().await;
 
         let wait = config
             .ping_interval

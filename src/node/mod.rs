@@ -312,12 +312,17 @@ struct Counters {
     received: AtomicU64,
 }
 
+/// Bytes sent to one peer from other threads and not yet taken by its
+/// session, per class (index: urgent), each bounded by `send_buffer`: a bulk
+/// backlog never makes a frame-sync send wait.
+pub(super) type Backlog = Arc<[AtomicUsize; 2]>;
+
 /// How a peer is reached.
 #[derive(Clone, Debug)]
 enum Route {
     /// Through the stream layer on the peer's home shard; `queued` counts
     /// the bytes on their way there (see [`NodeConfig::send_buffer`]).
-    Shard { home: usize, queued: Arc<AtomicUsize> },
+    Shard { home: usize, queued: Backlog },
     /// Same process: straight into its queue.
     Mem(std::sync::Weak<Shared>),
 }
@@ -417,18 +422,18 @@ impl Shared {
 
     /// The byte counter of `peer`'s route through its home shard, made (with
     /// the route) when missing. A `mem://` route is left alone.
-    fn shard_route(&self, peer: &Arc<str>) -> Arc<AtomicUsize> {
+    fn shard_route(&self, peer: &Arc<str>) -> Backlog {
         let home = self.home_shard(peer);
         let fresh = || Route::Shard {
             home,
-            queued: Arc::new(AtomicUsize::new(0)),
+            queued: Backlog::default(),
         };
         let Ok(mut peers) = self.peers.write() else {
-            return Arc::new(AtomicUsize::new(0));
+            return Backlog::default();
         };
         match peers.entry(peer.clone()).or_insert_with(fresh) {
             Route::Shard { queued, .. } => queued.clone(),
-            Route::Mem(_) => Arc::new(AtomicUsize::new(0)),
+            Route::Mem(_) => Backlog::default(),
         }
     }
 
@@ -623,6 +628,7 @@ impl Node {
                 // Bounded per peer in bytes; one message always fits an empty
                 // buffer, whatever its size.
                 let len = data.len();
+                let queued = &queued[usize::from(urgent)];
                 let before = queued.fetch_add(len, Ordering::AcqRel);
                 if before > 0 && before + len > self.shared.config.send_buffer {
                     queued.fetch_sub(len, Ordering::AcqRel);

@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,8 @@ pub(super) struct ShardState {
     /// Messages the application queue had no room for, in arrival order.
     /// Messages the application queue had no room for (and whether each is
     /// urgent); while any wait, the sessions keep the rest.
-    undelivered: RefCell<VecDeque<(Message, bool)>>,
+    /// Indexed by "urgent": each class blocks only itself.
+    undelivered: [RefCell<VecDeque<Message>>; 2],
     pub stopping: Cell<bool>,
     /// Wakes connection tasks at shutdown.
     pub shutdown: super::conn::Notify,
@@ -72,19 +73,19 @@ impl ShardState {
     }
 
     fn deliver(&self, message: Message, urgent: bool) {
-        let mut undelivered = self.undelivered.borrow_mut();
+        let mut undelivered = self.undelivered[usize::from(urgent)].borrow_mut();
         if !undelivered.is_empty() {
-            undelivered.push_back((message, urgent));
+            undelivered.push_back(message);
             return;
         }
         if let Err(message) = self.shared.deliver(message, urgent) {
-            undelivered.push_back((message, urgent));
+            undelivered.push_back(message);
         }
     }
 
     /// The application queue is full: sessions keep their messages.
-    fn app_blocked(&self) -> bool {
-        !self.undelivered.borrow().is_empty()
+    fn app_blocked(&self, urgent: bool) -> bool {
+        !self.undelivered[usize::from(urgent)].borrow().is_empty()
     }
 }
 
@@ -147,7 +148,7 @@ pub(super) struct EndpointState {
     pub paths: HashMap<PathId, PathIo>,
     /// Messages from the cross-thread queue the session had no room for,
     /// per stream (a full stream holds back only itself).
-    pending: BTreeMap<StreamId, VecDeque<Bytes>>,
+    pending: BTreeMap<StreamId, VecDeque<(Bytes, bool)>>,
     urgent: Vec<StreamId>,
 }
 
@@ -156,7 +157,7 @@ pub(super) struct Endpoint {
     pub peer: Arc<str>,
     pub state: RefCell<EndpointState>,
     /// Bytes sent to this peer from other threads, not yet in the session.
-    queued: Arc<AtomicUsize>,
+    queued: super::Backlog,
     timer: super::conn::Notify,
     timer_running: Cell<bool>,
 }
@@ -225,13 +226,13 @@ impl Endpoint {
                     let Some(queue) = st.pending.get_mut(&stream_id) else {
                         continue;
                     };
-                    while let Some(data) = queue.front() {
-                        let len = data.len();
+                    while let Some((data, urgent)) = queue.front() {
+                        let (len, urgent) = (data.len(), *urgent);
                         if st.session.send(stream_id, data.clone()).is_err() {
                             break;
                         }
                         queue.pop_front();
-                        self.queued.fetch_sub(len, Ordering::AcqRel);
+                        self.queued[usize::from(urgent)].fetch_sub(len, Ordering::AcqRel);
                         writable = true;
                     }
                     if queue.is_empty() {
@@ -261,12 +262,19 @@ impl Endpoint {
                 }
             }
             loop {
+                // Urgent messages pass while the ordinary queue is full.
+                let urgent = (!shard.app_blocked(true))
+                    .then(|| st.session.poll_urgent_event())
+                    .flatten();
                 // A full application queue leaves messages in the session,
                 // counted against its receive window: the peer slows down.
-                if shard.app_blocked() && matches!(st.session.peek_event(), Some(Event::Message { .. })) {
+                if urgent.is_none()
+                    && let Some(Event::Message { stream_id, .. }) = st.session.peek_event()
+                    && shard.app_blocked(st.session.is_peer_urgent(*stream_id))
+                {
                     break;
                 }
-                let Some(event) = st.session.poll_event() else {
+                let Some(event) = urgent.or_else(|| st.session.poll_event()) else {
                     break;
                 };
                 match event {
@@ -355,7 +363,7 @@ pub(super) fn install(
         index,
         endpoints: RefCell::new(HashMap::new()),
         next_path: Cell::new(1),
-        undelivered: RefCell::new(VecDeque::new()),
+        undelivered: [RefCell::new(VecDeque::new()), RefCell::new(VecDeque::new())],
         stopping: Cell::new(false),
         shutdown: super::conn::Notify::default(),
     });
@@ -474,7 +482,7 @@ pub(super) fn drain_send_queue() {
         let len = outgoing.data.len();
         match endpoint.send(outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
             Ok(()) => {
-                endpoint.queued.fetch_sub(len, Ordering::AcqRel);
+                endpoint.queued[usize::from(outgoing.urgent)].fetch_sub(len, Ordering::AcqRel);
             }
             Err(crate::stream::SendError::WouldBlock { .. }) => {
                 // Accepted already: held until the window opens (still
@@ -485,10 +493,10 @@ pub(super) fn drain_send_queue() {
                     .pending
                     .entry(outgoing.stream_id)
                     .or_default()
-                    .push_back(outgoing.data);
+                    .push_back((outgoing.data, outgoing.urgent));
             }
             Err(e) => {
-                endpoint.queued.fetch_sub(len, Ordering::AcqRel);
+                endpoint.queued[usize::from(outgoing.urgent)].fetch_sub(len, Ordering::AcqRel);
                 tracing::warn!(peer = %outgoing.to, "message refused by the stream layer: {e}");
             }
         }
@@ -510,12 +518,12 @@ pub(super) fn retry_delivery() {
     let Some(state) = local() else {
         return;
     };
-    {
-        let mut undelivered = state.undelivered.borrow_mut();
-        while let Some((message, urgent)) = undelivered.pop_front() {
+    for urgent in [true, false] {
+        let mut undelivered = state.undelivered[usize::from(urgent)].borrow_mut();
+        while let Some(message) = undelivered.pop_front() {
             if let Err(message) = state.shared.deliver(message, urgent) {
-                undelivered.push_front((message, urgent));
-                return;
+                undelivered.push_front(message);
+                break;
             }
         }
     }

@@ -201,6 +201,19 @@ pub fn spawn(class: TaskClass, future: impl std::future::Future<Output = ()> + '
     }
 }
 
+/// Runs `future` as a task of the given class on the current shard and
+/// waits for its result (inline outside a shard).
+pub async fn run_in<T: 'static>(class: TaskClass, future: impl std::future::Future<Output = T> + 'static) -> T {
+    let Some(queue) = ShardContext::current().map(|c| c.queue(class)) else {
+        return future.await;
+    };
+    match glommio::spawn_local_into(future, queue) {
+        Ok(task) => task.await,
+        // Only fails for a queue of another executor; ours are local.
+        Err(e) => panic!("spawn into this shard's own queue failed: {e}"),
+    }
+}
+
 /// N pinned shards.
 #[derive(Debug)]
 pub struct Runtime {
@@ -329,9 +342,22 @@ async fn shard_main(
             throughput,
         })
     });
+    let _ = ready.send(Ok(()));
+    // The inbox carries sends from application threads, frame-sync ones
+    // included: it runs in the latency queue, so its wake-up preempts bulk
+    // work instead of waiting for the throughput queue's slice to end.
+    let drained = glommio::spawn_local_into(drain_inbox(index, inbox.clone(), wake_rx), latency);
+    match drained {
+        Ok(task) => task.await,
+        Err(e) => tracing::error!("shard {index}: cannot start the inbox task: {e}"),
+    }
+    CURRENT.with(|c| *c.borrow_mut() = None);
+}
+
+/// Runs the jobs other threads submit, until the runtime stops.
+async fn drain_inbox(index: usize, inbox: Arc<Inbox>, wake_rx: StdUnixStream) {
     // SAFETY: the fd comes from a socketpair we own and hand over here.
     let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(wake_rx.into_raw_fd()) };
-    let _ = ready.send(Ok(()));
     let mut buf = [0u8; 256];
     loop {
         // Clear before draining: a push after this point sends a new byte.
@@ -352,7 +378,6 @@ async fn shard_main(
             }
         }
     }
-    CURRENT.with(|c| *c.borrow_mut() = None);
 }
 
 #[cfg(test)]

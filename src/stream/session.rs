@@ -103,6 +103,9 @@ pub struct Session {
     queued: HashMap<StreamId, usize>,
     paths: BTreeMap<PathId, Path>,
     events: VecDeque<Event>,
+    /// Messages (and the finish) of streams the peer flagged urgent: the
+    /// application takes them first, and they do not wait for the others.
+    urgent_events: VecDeque<Event>,
     /// Streams served first (see [`Session::set_stream_urgent`]).
     urgent: BTreeSet<StreamId>,
     /// Received streams the peer flagged URGENT.
@@ -124,6 +127,7 @@ impl Session {
             queued: HashMap::new(),
             paths: BTreeMap::new(),
             events: VecDeque::new(),
+            urgent_events: VecDeque::new(),
             urgent: BTreeSet::new(),
             peer_urgent: BTreeSet::new(),
             next_path: None,
@@ -328,17 +332,22 @@ impl Session {
             Some(entry) => entry.1 = packet.timepoint,
             None => path.pending_acks.push((stream_id, packet.timepoint)),
         }
+        let events = if self.peer_urgent.contains(&stream_id) {
+            &mut self.urgent_events
+        } else {
+            &mut self.events
+        };
         let mut delivered = 0;
         while let Some(data) = recv.next_message() {
             delivered += data.len();
-            self.events.push_back(Event::Message { stream_id, data });
+            events.push_back(Event::Message { stream_id, data });
         }
         if delivered > 0 {
             *self.queued.entry(stream_id).or_default() += delivered;
         }
         // The stream stays as a tombstone: late duplicates must not restart it.
         if recv.take_finish() {
-            self.events.push_back(Event::Finished { stream_id });
+            events.push_back(Event::Finished { stream_id });
         }
         Ok(())
     }
@@ -644,18 +653,31 @@ impl Session {
 
     /// The event [`Session::poll_event`] would return next, left in place.
     pub fn peek_event(&self) -> Option<&Event> {
-        self.events.front()
+        self.urgent_events.front().or_else(|| self.events.front())
     }
 
-    /// Next event for the application.
+    /// Next event for the application: those of urgent streams (see
+    /// [`Session::is_peer_urgent`]) first.
     pub fn poll_event(&mut self) -> Option<Event> {
-        let event = self.events.pop_front()?;
+        let event = self.urgent_events.pop_front().or_else(|| self.events.pop_front())?;
+        Some(self.taken(event))
+    }
+
+    /// Next event of an urgent stream only: an application whose ordinary
+    /// queue is full still takes these.
+    pub fn poll_urgent_event(&mut self) -> Option<Event> {
+        let event = self.urgent_events.pop_front()?;
+        Some(self.taken(event))
+    }
+
+    /// Bookkeeping of an event handed to the application.
+    fn taken(&mut self, event: Event) -> Event {
         if let Event::Message { stream_id, data } = &event
             && let Some(queued) = self.queued.get_mut(stream_id)
         {
             *queued = queued.saturating_sub(data.len());
         }
-        Some(event)
+        event
     }
 }
 
