@@ -258,10 +258,18 @@ pub async fn connect(address: &Address, timeout: Duration) -> io::Result<Connect
     match address {
         Address::Tcp { host, port } => {
             let addr = resolve(host, *port)?;
-            let stream = TcpStream::connect_timeout(addr, timeout)
+            // A blocking connect on glommio's blocking thread, not glommio's
+            // io_uring connect: after that one failed (ECONNREFUSED) on this
+            // machine (Linux 6.18, glommio 0.9), the executor no longer woke
+            // up for later events, cross-thread wake-ups included.
+            let std_stream = glommio::executor()
+                .spawn_blocking(move || std::net::TcpStream::connect_timeout(&addr, timeout))
                 .await
-                .map_err(|e| map_glommio(e, address))?;
-            stream.set_nodelay(true)?;
+                .map_err(|e| annotate(e, address))?;
+            std_stream.set_nodelay(true)?;
+            std_stream.set_nonblocking(true)?;
+            // SAFETY: the descriptor is owned and moved in.
+            let stream = unsafe { TcpStream::from_raw_fd(std_stream.into_raw_fd()) };
             Ok(Connected::Tcp(StreamLink::new(stream, address.to_string())))
         }
         Address::Unix(path) => {
