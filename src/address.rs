@@ -98,6 +98,13 @@ impl FromStr for Address {
     }
 }
 
+impl Address {
+    /// A Unix socket (path or abstract): reachable from the same host only.
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Self::Unix(_) | Self::UnixAbstract(_))
+    }
+}
+
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let bracket = |host: &str| {

@@ -3,103 +3,24 @@
 //! wrong hash: each bad connection is closed with a clear reason, the healthy
 //! one never notices, and nothing it sent is lost.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+mod peer;
+
+use std::io::Write;
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use libatbus::address::Address;
-use libatbus::frame::{Decoder, Encoder};
+use bytes::Bytes;
 use libatbus::node::{HANDSHAKE_STREAM, Node, NodeConfig};
-use libatbus::proto::{
-    AtbusCloseReason, AtbusPacketFlagType, AtbusPacketType, Body, CloseReasonData, Fragment, FrameMessage,
-    HandshakeData, PacketContent, PacketData, PingData,
-};
-use prost::Message as _;
+use libatbus::proto::{AtbusCloseReason, Body, FrameMessage, PacketData};
+use peer::{close_reason, encode, handshake, ping, socket_addr};
 
 fn node(name: &str, core: usize) -> Node {
     let mut config = NodeConfig::new(name, &["tcp://127.0.0.1:0"]).expect("config");
     config.runtime.first_core = core;
     Node::start(config).expect("node starts")
-}
-
-fn socket_addr(address: &Address) -> SocketAddr {
-    match address {
-        Address::Tcp { host, port } => format!("{host}:{port}").parse().expect("ip address"),
-        other => panic!("not tcp: {other}"),
-    }
-}
-
-fn encode(frame: &FrameMessage) -> BytesMut {
-    let mut wire = BytesMut::new();
-    Encoder::default().encode(frame, &mut wire).expect("encodes");
-    wire
-}
-
-fn handshake(name: &str) -> FrameMessage {
-    let hello = HandshakeData {
-        version: 3,
-        minimal_version: 2,
-        node_name: name.into(),
-        incarnation: 7,
-        acknowledge: false,
-        record: Bytes::new(),
-        latency_path: false,
-    };
-    let content = PacketContent {
-        fragment: vec![Fragment {
-            packet_type: AtbusPacketType::Handshake as i32,
-            data: Bytes::from(hello.encode_to_vec()),
-            ..Default::default()
-        }],
-    };
-    FrameMessage {
-        head: None,
-        body: Some(Body::Packet(PacketData {
-            stream_id: HANDSHAKE_STREAM,
-            content: Bytes::from(content.encode_to_vec()),
-            ..Default::default()
-        })),
-    }
-}
-
-fn ping() -> FrameMessage {
-    FrameMessage {
-        head: None,
-        body: Some(Body::Ping(PingData {
-            timepoint_microseconds: 1,
-        })),
-    }
-}
-
-/// Reads until the node closes the socket; returns the close reason it sent.
-fn close_reason(mut socket: TcpStream) -> CloseReasonData {
-    socket.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-    let mut decoder = Decoder::default();
-    let mut buf = [0u8; 4096];
-    let mut reason = None;
-    loop {
-        match socket.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => decoder.extend(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("the node neither closed nor answered: {e}"),
-        }
-        while let Ok(Some(frame)) = decoder.decode() {
-            let Some(Body::Packet(packet)) = frame.body else {
-                continue;
-            };
-            if packet.flags & AtbusPacketFlagType::FinishConnection as i32 == 0 {
-                continue;
-            }
-            let content = PacketContent::decode(packet.content).expect("close packet decodes");
-            reason = content.fragment.into_iter().find_map(|f| f.close_reason);
-        }
-    }
-    reason.expect("a FINISH_CONNECTION with a close reason before EOF")
 }
 
 #[test]

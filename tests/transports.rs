@@ -48,42 +48,44 @@ fn wait_connected(node: &Node, peer: &str) {
     }
 }
 
-fn sender(node: Arc<Node>, peer: &'static str, seed: u64, max_len: usize) -> thread::JoinHandle<()> {
+fn sender(node: Arc<Node>, peer: String, seed: u64, max_len: usize) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let mut rng = SmallRng::seed_from_u64(seed);
         for seq in 0..MESSAGES {
             let len = rng.random_range(8..=max_len);
-            node.send_blocking(peer, 1, payload(seq, len), Duration::from_secs(60))
+            node.send_blocking(&peer, 1, payload(seq, len), Duration::from_secs(60))
                 .unwrap_or_else(|e| panic!("send {seq} to {peer}: {e}"));
         }
     })
 }
 
-fn receiver(node: Arc<Node>, from: &'static str) -> thread::JoinHandle<()> {
+fn receiver(node: Arc<Node>, from: String) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         for seq in 0..MESSAGES {
             let message = node
                 .recv_timeout(Duration::from_secs(60))
                 .unwrap_or_else(|| panic!("{}: message {seq} never arrived", node.name()));
-            assert_eq!(&*message.from, from);
+            assert_eq!(*message.from, *from);
             assert_eq!(message.stream_id, 1);
             check(seq, &message.data);
         }
     })
 }
 
-fn exchange(listen_a: &str, listen_b: &str, max_len: usize) {
-    let a = Arc::new(node("node-a", listen_a, 0));
-    let b = Arc::new(node("node-b", listen_b, 1));
+/// Nodes `a-<test>` and `b-<test>` (names are unique per process).
+fn exchange(test: &str, listen_a: &str, listen_b: &str, max_len: usize) {
+    let (name_a, name_b) = (format!("a-{test}"), format!("b-{test}"));
+    let a = Arc::new(node(&name_a, listen_a, 0));
+    let b = Arc::new(node(&name_b, listen_b, 1));
     let b_address: Address = b.listen_addresses()[0].clone();
-    a.add_route("node-b", b_address).expect("route");
-    wait_connected(&b, "node-a");
+    a.add_route(&name_b, b_address).expect("route");
+    wait_connected(&b, &name_a);
     let started = Instant::now();
     let threads = [
-        sender(a.clone(), "node-b", 1, max_len),
-        sender(b.clone(), "node-a", 2, max_len),
-        receiver(b.clone(), "node-a"),
-        receiver(a.clone(), "node-b"),
+        sender(a.clone(), name_b.clone(), 1, max_len),
+        sender(b.clone(), name_a.clone(), 2, max_len),
+        receiver(b.clone(), name_a.clone()),
+        receiver(a.clone(), name_b.clone()),
     ];
     for t in threads {
         t.join().expect("no thread panicked");
@@ -95,7 +97,7 @@ fn exchange(listen_a: &str, listen_b: &str, max_len: usize) {
 
 #[test]
 fn tcp_two_shards() {
-    exchange("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", 4096);
+    exchange("tcp", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", 4096);
 }
 
 #[test]
@@ -103,6 +105,7 @@ fn unix_two_shards() {
     let dir = std::env::temp_dir().join(format!("atbus-unix-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     exchange(
+        "unix",
         &format!("unix://{}", dir.join("a.sock").display()),
         &format!("unix://{}", dir.join("b.sock").display()),
         4096,
@@ -114,6 +117,7 @@ fn unix_two_shards() {
 fn unix_abstract_two_shards() {
     let tag = std::process::id();
     exchange(
+        "abstract",
         &format!("unix://@atbus-a-{tag}"),
         &format!("unix://@atbus-b-{tag}"),
         1024,
@@ -122,23 +126,23 @@ fn unix_abstract_two_shards() {
 
 #[test]
 fn udp_two_shards() {
-    exchange("udp://127.0.0.1:0", "udp://127.0.0.1:0", 2048);
+    exchange("udp", "udp://127.0.0.1:0", "udp://127.0.0.1:0", 2048);
 }
 
 #[test]
 fn mem_two_shards() {
     let tag = std::process::id();
-    let a = Arc::new(node("node-a", &format!("mem://a-{tag}"), 0));
-    let b = Arc::new(node("node-b", &format!("mem://b-{tag}"), 1));
-    a.add_route("node-b", format!("mem://b-{tag}").parse().expect("addr"))
+    let a = Arc::new(node("a-mem", &format!("mem://a-{tag}"), 0));
+    let b = Arc::new(node("b-mem", &format!("mem://b-{tag}"), 1));
+    a.add_route("b-mem", format!("mem://b-{tag}").parse().expect("addr"))
         .expect("route");
-    b.add_route("node-a", format!("mem://a-{tag}").parse().expect("addr"))
+    b.add_route("a-mem", format!("mem://a-{tag}").parse().expect("addr"))
         .expect("route");
     let threads = [
-        sender(a.clone(), "node-b", 1, 4096),
-        sender(b.clone(), "node-a", 2, 4096),
-        receiver(b.clone(), "node-a"),
-        receiver(a.clone(), "node-b"),
+        sender(a.clone(), "b-mem".into(), 1, 4096),
+        sender(b.clone(), "a-mem".into(), 2, 4096),
+        receiver(b.clone(), "a-mem".into()),
+        receiver(a.clone(), "b-mem".into()),
     ];
     for t in threads {
         t.join().expect("no thread panicked");

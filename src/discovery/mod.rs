@@ -39,6 +39,15 @@ pub use crate::proto::{
     DiscoveryRelaySelector as RelaySelector,
 };
 
+/// The embedded default discovery: one in-memory registry per process, which
+/// every node uses unless its config names another source. Nodes of one
+/// process find each other through it with no server.
+pub fn embedded() -> std::sync::Arc<dyn Discovery> {
+    static EMBEDDED: std::sync::LazyLock<std::sync::Arc<MemoryDiscovery>> =
+        std::sync::LazyLock::new(|| std::sync::Arc::new(MemoryDiscovery::new()));
+    EMBEDDED.clone()
+}
+
 /// `type` of a node that accepts and makes connections.
 pub const TYPE_NODE: &str = "node";
 /// `type` of a client on an untrusted network: it never dials out.

@@ -160,20 +160,30 @@ async fn listen_udp(state: Rc<ShardState>, socket: Rc<glommio::net::UdpSocket>, 
     }
 }
 
-/// Dials `address` for `peer`, and again whenever the connection ends, with
-/// exponential backoff and jitter, until the node stops. `latency`: the
+/// Dials `peer` at the first of `addresses`, and again whenever the
+/// connection ends, moving to the next address after a failure, with
+/// exponential backoff and jitter, until the node stops or the peer's dial
+/// epoch moves on (new addresses, or the peer is gone). `latency`: the
 /// connection is the pair's latency path (urgent streams only).
-pub(super) async fn dial_loop(state: Rc<ShardState>, peer: Arc<str>, address: Address, latency: bool) {
+pub(super) async fn dial_loop(
+    state: Rc<ShardState>,
+    peer: Arc<str>,
+    addresses: Rc<[Address]>,
+    epoch: u64,
+    latency: bool,
+) {
     let config = &state.shared.config;
     let mut backoff = config.reconnect_min;
     let mut failures = 0u32;
+    let mut next = 0usize;
     loop {
-        if shard::is_stopping(&state) {
+        if shard::is_stopping(&state) || state.dial_epoch(&peer) != epoch {
             break;
         }
+        let address = &addresses[next % addresses.len()];
         let started = Instant::now();
         let dialed = futures_lite::future::or(
-            async { Some(transport::connect(&address, config.connect_timeout).await) },
+            async { Some(transport::connect(address, config.connect_timeout).await) },
             async {
                 state.shutdown.notified().await;
                 None
@@ -182,6 +192,7 @@ pub(super) async fn dial_loop(state: Rc<ShardState>, peer: Arc<str>, address: Ad
         .await;
         match dialed {
             None => break,
+            Some(Ok(_)) if state.dial_epoch(&peer) != epoch => break,
             Some(Ok(connected)) => {
                 failures = 0;
                 let end = run(
@@ -201,6 +212,7 @@ pub(super) async fn dial_loop(state: Rc<ShardState>, peer: Arc<str>, address: Ad
             }
             Some(Err(e)) => {
                 failures += 1;
+                next += 1;
                 if failures == 1 {
                     tracing::warn!(peer = %peer, "cannot connect to {address}: {e}; retrying with backoff");
                 } else {
@@ -236,7 +248,12 @@ fn hello_frame(state: &ShardState, acknowledge: bool, latency_path: bool) -> Fra
         node_name: state.shared.name.to_string(),
         incarnation: state.shared.incarnation,
         acknowledge,
-        record: Bytes::new(),
+        record: state
+            .shared
+            .record
+            .get()
+            .map(|r| Bytes::from(r.encode_to_vec()))
+            .unwrap_or_default(),
         latency_path,
     };
     let content = PacketContent {
@@ -660,6 +677,19 @@ fn check_hello(
     }
     if hello.node_name == *state.shared.name {
         return Err((AtbusCloseReason::Unauthorized, "connected to itself".to_string()));
+    }
+    if !hello.record.is_empty() {
+        let record = crate::discovery::NodeRecord::decode(hello.record.clone())
+            .map_err(|e| (AtbusCloseReason::BadFrame, format!("undecodable discovery record: {e}")))?;
+        if record.name != hello.node_name {
+            return Err((
+                AtbusCloseReason::Unauthorized,
+                format!(
+                    "handshake names {:?} but its discovery record names {:?}",
+                    hello.node_name, record.name
+                ),
+            ));
+        }
     }
     match expected {
         Some(name) if name != hello.node_name => Err((

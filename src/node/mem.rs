@@ -14,11 +14,23 @@ use crate::address::Address;
 use crate::stream::StreamId;
 
 static REGISTRY: LazyLock<Mutex<HashMap<String, Weak<Shared>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+/// Running nodes of this process by node name (routing's "same process").
+static NODES: LazyLock<Mutex<HashMap<Arc<str>, Weak<Shared>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
-/// Publishes the node's `mem://` listen addresses.
-pub(super) fn register(shared: &Arc<Shared>) {
+/// Publishes the node by name and its `mem://` listen addresses; a second
+/// running node with the same name is refused.
+pub(super) fn register(shared: &Arc<Shared>) -> Result<(), super::NodeError> {
+    {
+        let mut nodes = NODES
+            .lock()
+            .map_err(|_| super::NodeError::Duplicate(shared.name.to_string()))?;
+        if nodes.get(&shared.name).is_some_and(|n| n.strong_count() > 0) {
+            return Err(super::NodeError::Duplicate(shared.name.to_string()));
+        }
+        nodes.insert(shared.name.clone(), Arc::downgrade(shared));
+    }
     let Ok(mut registry) = REGISTRY.lock() else {
-        return;
+        return Ok(());
     };
     for address in &shared.config.listen {
         if let Address::Mem(name) = address {
@@ -28,6 +40,7 @@ pub(super) fn register(shared: &Arc<Shared>) {
             }
         }
     }
+    Ok(())
 }
 
 /// Withdraws them.
@@ -35,6 +48,19 @@ pub(super) fn unregister(shared: &Arc<Shared>) {
     if let Ok(mut registry) = REGISTRY.lock() {
         registry.retain(|_, node| !std::ptr::eq(node.as_ptr(), Arc::as_ptr(shared)));
     }
+    if let Ok(mut nodes) = NODES.lock() {
+        nodes.retain(|_, node| !std::ptr::eq(node.as_ptr(), Arc::as_ptr(shared)));
+    }
+}
+
+/// The running node of this process named `name`.
+pub(super) fn lookup_node(name: &str) -> Option<Arc<Shared>> {
+    NODES
+        .lock()
+        .ok()?
+        .get(name)?
+        .upgrade()
+        .filter(|n| !n.stopping.load(Ordering::Acquire))
 }
 
 /// The node listening on `mem://name`, if it runs.

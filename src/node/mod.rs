@@ -19,11 +19,15 @@
 //! Same-process peers (`mem://name`) get each message's `Bytes` through the
 //! peer's receive queue: no encoding, no copy, no socket.
 
+mod config_file;
 mod conn;
 mod mem;
+pub mod routing;
 mod shard;
 
+pub use config_file::NodeFile;
 pub use conn::HANDSHAKE_STREAM;
+pub use routing::{NoRoute, Plan, RelayStep};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -35,6 +39,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use crossbeam_queue::ArrayQueue;
 
 use crate::address::{Address, AddressError};
+use crate::discovery::{Change, Discovery, Gateway, Host, Match, Metadata, NodeRecord, Record};
 use crate::runtime::{Runtime, RuntimeConfig, RuntimeError, ShardHandle};
 use crate::stream::{self, StreamId};
 
@@ -88,6 +93,50 @@ pub struct NodeConfig {
     pub send_buffer: usize,
     /// Messages queued per shard from other threads at most.
     pub send_queue: usize,
+    /// Where the node publishes its record and looks peers up (default: the
+    /// process's embedded in-memory registry, [`crate::discovery::embedded`]).
+    pub discovery: DiscoverySource,
+    /// Labels and namespace published in the node's record (gateway `match`
+    /// rules of other nodes are checked against them).
+    pub metadata: Metadata,
+    /// Host identity published in the record; `None`: this machine's
+    /// hostname and this process's pid. Same hostname and namespace means
+    /// "same host" (unix), same pid too means "same process" (mem).
+    pub host: Option<Host>,
+    /// Gateways published in the record; empty: one per kind of listen
+    /// address (unix ones for the same host only, tcp/udp for everyone).
+    /// Set them when the bound addresses are not what others should dial
+    /// (0.0.0.0, NAT, containers).
+    pub gateways: Vec<Gateway>,
+    /// Asked for a route when no gateway of a target fits (relays); none:
+    /// such sends fail with ROUTER_NOT_FOUND.
+    pub relay: Option<RelayHook>,
+}
+
+/// A discovery backend shared by nodes (see [`NodeConfig::discovery`]).
+#[derive(Clone)]
+pub struct DiscoverySource(pub Arc<dyn Discovery>);
+
+impl Default for DiscoverySource {
+    fn default() -> Self {
+        Self(crate::discovery::embedded())
+    }
+}
+
+impl std::fmt::Debug for DiscoverySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiscoverySource(..)")
+    }
+}
+
+/// The relay step of [`NodeConfig::relay`].
+#[derive(Clone)]
+pub struct RelayHook(pub Arc<dyn RelayStep>);
+
+impl std::fmt::Debug for RelayHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RelayHook(..)")
+    }
 }
 
 impl Default for NodeConfig {
@@ -115,6 +164,11 @@ impl Default for NodeConfig {
             recv_queue: 8192,
             send_buffer: 4 * 1024 * 1024,
             send_queue: 1 << 16,
+            discovery: DiscoverySource::default(),
+            metadata: Metadata::default(),
+            host: None,
+            gateways: Vec::new(),
+            relay: None,
         }
     }
 }
@@ -224,15 +278,47 @@ pub enum NodeError {
         /// The cause.
         reason: String,
     },
+    /// The node's record could not be published.
+    #[error("node {name:?}: cannot publish its discovery record: {source}")]
+    Discovery {
+        /// The node.
+        name: String,
+        /// The cause.
+        source: crate::discovery::DiscoveryError,
+    },
+    /// Another node of this process has the same name.
+    #[error("a node named {0:?} already runs in this process")]
+    Duplicate(String),
 }
 
 /// Why a message was not accepted. Nothing is accepted and then silently lost.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {
-    /// No route to this name and no connection from it.
-    #[error("unknown peer {0:?}: no route and no connection (add a route or check discovery)")]
+    /// No route to this name and no connection from it, and discovery does
+    /// not know it.
+    #[error("unknown peer {0:?}: not in discovery, no route added, no connection from it")]
     UnknownPeer(String),
+    /// Discovery knows the node, but none of its gateways fits this node and
+    /// no relay offers a way (ROUTER_NOT_FOUND), or a group has no members.
+    #[error("no route: {0}")]
+    NoRoute(String),
+    /// A message to a group reached some members and not others. Retry the
+    /// `failed` ones by name (or use [`Node::send_blocking`], which does).
+    #[error(
+        "multicast to {group:?}: {} member(s) took the message, {} did not (first: {})",
+        delivered.len(),
+        failed.len(),
+        failed.first().map_or(String::new(), |(name, e)| format!("{name}: {e}"))
+    )]
+    Multicast {
+        /// The group.
+        group: String,
+        /// Members that took it.
+        delivered: Vec<String>,
+        /// Members that did not, and why.
+        failed: Vec<(String, SendError)>,
+    },
     /// Stream ids below 0 belong to the bus itself (control, handshake).
     #[error("send to {peer:?}: stream {stream_id} is reserved (application streams are 0 and up)")]
     ReservedStream {
@@ -285,6 +371,24 @@ fn check_message(peer: &str, stream_id: StreamId, data: &Bytes, max: usize) -> R
     })
 }
 
+/// Messages this node accepted for a peer and then had to drop, because the
+/// peer is gone for good (its discovery record was withdrawn or expired):
+/// read them with [`Node::recv_undelivered`]. Counted per stream. The peer
+/// may have received some of them (they were not acknowledged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Undelivered {
+    /// The peer.
+    pub to: Arc<str>,
+    /// The stream.
+    pub stream_id: StreamId,
+    /// Messages dropped.
+    pub messages: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Why.
+    pub reason: String,
+}
+
 /// Node-wide counters (lifetime totals).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeStats {
@@ -322,9 +426,18 @@ pub(super) type Backlog = Arc<[AtomicUsize; 2]>;
 enum Route {
     /// Through the stream layer on the peer's home shard; `queued` counts
     /// the bytes on their way there (see [`NodeConfig::send_buffer`]).
-    Shard { home: usize, queued: Backlog },
+    /// `learned`: the addresses dialled, when they came from discovery (the
+    /// route then follows the record: redialled when it changes, dropped
+    /// when it goes).
+    Shard {
+        home: usize,
+        queued: Backlog,
+        learned: Option<Arc<[Address]>>,
+    },
     /// Same process: straight into its queue.
     Mem(std::sync::Weak<Shared>),
+    /// A group from discovery: its member names.
+    Group(Arc<[Arc<str>]>),
 }
 
 /// One message on its way from another thread to a shard.
@@ -407,6 +520,11 @@ struct Shared {
     listening: Mutex<Vec<Address>>,
     counters: Counters,
     stopping: AtomicBool,
+    discovery: Arc<dyn Discovery>,
+    /// This node's discovery record (set once the listeners are bound).
+    record: std::sync::OnceLock<NodeRecord>,
+    undelivered_tx: Sender<Undelivered>,
+    undelivered_rx: Receiver<Undelivered>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -427,18 +545,155 @@ impl Shared {
         let fresh = || Route::Shard {
             home,
             queued: Backlog::default(),
+            learned: None,
         };
         let Ok(mut peers) = self.peers.write() else {
             return Backlog::default();
         };
         match peers.entry(peer.clone()).or_insert_with(fresh) {
             Route::Shard { queued, .. } => queued.clone(),
-            Route::Mem(_) => Backlog::default(),
+            Route::Mem(_) | Route::Group(_) => Backlog::default(),
         }
     }
 
     fn notify_writable(&self) {
         self.writable.notify();
+    }
+
+    /// Looks `peer` up in discovery and makes its route (dialling if need
+    /// be). Another thread may have made it meanwhile: then that one stands.
+    fn resolve(&self, peer: &str) -> Result<(), SendError> {
+        let record = self
+            .discovery
+            .get(peer)
+            .ok_or_else(|| SendError::UnknownPeer(peer.to_string()))?;
+        let name: Arc<str> = Arc::from(peer);
+        let route = match record {
+            Record::Group(group) => {
+                if group.node_list.is_empty() {
+                    return Err(SendError::NoRoute(format!("group {peer:?} has no members")));
+                }
+                Route::Group(group.node_list.iter().map(|m| Arc::from(m.as_str())).collect())
+            }
+            Record::Node(target) => {
+                let me = self.record.get().ok_or(SendError::Stopped)?;
+                let relay = self.config.relay.as_ref().map(|r| &*r.0);
+                match routing::plan(&target, me, relay).map_err(|e| SendError::NoRoute(e.to_string()))? {
+                    Plan::Mem => {
+                        let local = mem::lookup_node(peer).ok_or_else(|| {
+                            SendError::NoRoute(format!(
+                                "{peer:?}: its record says it runs in this process, but no such node does"
+                            ))
+                        })?;
+                        Route::Mem(Arc::downgrade(&local))
+                    }
+                    Plan::Dial(addresses) => Route::Shard {
+                        home: self.home_shard(peer),
+                        queued: Backlog::default(),
+                        learned: Some(addresses.into()),
+                    },
+                }
+            }
+        };
+        let Ok(mut peers) = self.peers.write() else {
+            return Err(SendError::Stopped);
+        };
+        if peers.contains_key(peer) {
+            return Ok(());
+        }
+        if let Route::Shard {
+            home,
+            learned: Some(addresses),
+            ..
+        } = &route
+        {
+            let (peer, addresses) = (name.clone(), addresses.to_vec());
+            self.shards[*home].submit(move || shard::dial(peer, addresses, false));
+        }
+        tracing::debug!(node = %self.name, peer, "route from discovery: {route:?}");
+        peers.insert(name, route);
+        Ok(())
+    }
+
+    /// Follows discovery: routes learned from a record are redialled when
+    /// it changes and dropped when it goes (queued messages are then
+    /// reported as undelivered); group routes are looked up again.
+    fn on_discovery_change(&self, change: &Change) {
+        let name = match change {
+            Change::Put(record) => record.name(),
+            Change::Delete(name) => name.as_str(),
+        };
+        let Ok(mut peers) = self.peers.write() else {
+            return;
+        };
+        let Some(route) = peers.get(name).cloned() else {
+            return;
+        };
+        let peer: Arc<str> = Arc::from(name);
+        match (route, change) {
+            (Route::Group(_), _) => {
+                peers.remove(name);
+            }
+            (Route::Mem(_), Change::Delete(_)) => {
+                peers.remove(name);
+            }
+            (Route::Mem(_), Change::Put(_)) => {}
+            (
+                Route::Shard {
+                    home, learned: Some(_), ..
+                },
+                Change::Delete(_),
+            ) => {
+                peers.remove(name);
+                let reason = format!("{name:?} is gone: its discovery record was withdrawn or expired");
+                self.shards[home].submit(move || shard::forget(peer, reason));
+            }
+            (
+                Route::Shard {
+                    home,
+                    queued,
+                    learned: Some(old),
+                },
+                Change::Put(Record::Node(target)),
+            ) => {
+                let Some(me) = self.record.get() else { return };
+                let relay = self.config.relay.as_ref().map(|r| &*r.0);
+                match routing::plan(target, me, relay) {
+                    Ok(Plan::Dial(addresses)) if *old != *addresses => {
+                        tracing::info!(node = %self.name, peer = name, "record changed: dialling {addresses:?}");
+                        peers.insert(
+                            peer.clone(),
+                            Route::Shard {
+                                home,
+                                queued,
+                                learned: Some(addresses.clone().into()),
+                            },
+                        );
+                        self.shards[home].submit(move || shard::dial(peer, addresses, true));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(node = %self.name, peer = name, "record changed, no route any more: {e}");
+                        peers.remove(name);
+                        let reason = e.to_string();
+                        self.shards[home].submit(move || shard::forget(peer, reason));
+                    }
+                }
+            }
+            (Route::Shard { .. }, _) => {}
+        }
+    }
+
+    fn report_undelivered(&self, report: Undelivered) {
+        tracing::warn!(
+            node = %self.name,
+            peer = %report.to,
+            stream = report.stream_id,
+            messages = report.messages,
+            "messages dropped: {}",
+            report.reason
+        );
+        let _ = self.undelivered_tx.send(report);
     }
 
     /// Hands a received message to the application; `Err` gives it back when
@@ -495,6 +750,7 @@ impl Node {
         let shards = runtime.shards().to_vec();
         let send_queues = shards.iter().map(|_| ArrayQueue::new(config.send_queue)).collect();
         let shards_len = shards.len();
+        let (undelivered_tx, undelivered_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
             name: Arc::from(config.name.as_str()),
             incarnation: fastrand::u64(1..),
@@ -513,6 +769,10 @@ impl Node {
             listening: Mutex::new(Vec::new()),
             counters: Counters::default(),
             stopping: AtomicBool::new(false),
+            discovery: config.discovery.0.clone(),
+            record: std::sync::OnceLock::new(),
+            undelivered_tx,
+            undelivered_rx,
             config,
         });
         let node = Node {
@@ -543,8 +803,40 @@ impl Node {
                 shard0 = Some(bound);
             }
         }
-        mem::register(&shared);
+        mem::register(&shared)?;
+        let bound = node.listen_addresses();
+        let record = own_record(&shared.config, &bound);
+        if let Err(e) = crate::discovery::validate_node(&record) {
+            node.stop(Duration::ZERO);
+            return Err(NodeError::Config {
+                field: "gateways/metadata/host",
+                reason: e.to_string(),
+            });
+        }
+        let _ = shared.record.set(record.clone());
+        // Subscribed before publishing: no change in between is missed.
+        let changes = shared.discovery.subscribe();
+        if let Err(source) = shared.discovery.publish(Record::Node(record)) {
+            node.stop(Duration::ZERO);
+            return Err(NodeError::Discovery {
+                name: shared.config.name.clone(),
+                source,
+            });
+        }
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name(format!("atbus-{}-discovery", shared.name))
+            .spawn(move || follow_discovery(&weak, &changes))
+            .map_err(|e| {
+                node.stop(Duration::ZERO);
+                NodeError::Runtime(RuntimeError::Wakeup { shard: 0, source: e })
+            })?;
         Ok(node)
+    }
+
+    /// This node's discovery record, as published.
+    pub fn record(&self) -> Option<&NodeRecord> {
+        self.shared.record.get()
     }
 
     /// The node's name.
@@ -574,7 +866,7 @@ impl Node {
         }
         let home = self.shared.home_shard(&peer);
         self.shared.shard_route(&peer);
-        self.shared.shards[home].submit(move || shard::dial(peer, address));
+        self.shared.shards[home].submit(move || shard::dial(peer, vec![address], false));
         Ok(())
     }
 
@@ -605,8 +897,17 @@ impl Node {
                 stream_id,
             });
         }
-        let Ok(peers) = self.shared.peers.read() else {
-            return Err(SendError::Stopped);
+        let mut resolved = false;
+        let peers = loop {
+            let Ok(peers) = self.shared.peers.read() else {
+                return Err(SendError::Stopped);
+            };
+            if resolved || peers.contains_key(peer) {
+                break peers;
+            }
+            drop(peers);
+            self.shared.resolve(peer)?;
+            resolved = true;
         };
         let Some((to, route)) = peers.get_key_value(peer) else {
             return Err(SendError::UnknownPeer(peer.to_string()));
@@ -617,7 +918,12 @@ impl Node {
                 drop(peers);
                 mem::send(&self.shared, &target, peer, stream_id, data, urgent)
             }
-            Route::Shard { home, queued } => {
+            Route::Group(members) => {
+                let members = members.clone();
+                drop(peers);
+                self.multicast(peer, &members, stream_id, &data, urgent)
+            }
+            Route::Shard { home, queued, .. } => {
                 let home = *home;
                 // Checked here: once queued for the shard, a refusal could
                 // no longer reach the caller.
@@ -660,6 +966,44 @@ impl Node {
         }
     }
 
+    /// One message to every member of a group, each once.
+    fn multicast(
+        &self,
+        group: &str,
+        members: &[Arc<str>],
+        stream_id: StreamId,
+        data: &Bytes,
+        urgent: bool,
+    ) -> Result<(), SendError> {
+        let mut delivered = Vec::with_capacity(members.len());
+        let mut failed = Vec::new();
+        for member in members {
+            let result = if self
+                .shared
+                .discovery
+                .get(member)
+                .is_some_and(|r| matches!(r, Record::Group(_)))
+            {
+                Err(SendError::NoRoute(format!("{member:?} is a group: groups do not nest")))
+            } else {
+                self.send_with(member, stream_id, data.clone(), urgent)
+            };
+            match result {
+                Ok(()) => delivered.push(member.to_string()),
+                Err(e) => failed.push((member.to_string(), e)),
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(SendError::Multicast {
+                group: group.to_string(),
+                delivered,
+                failed,
+            })
+        }
+    }
+
     /// Waits until some queue or window frees space, or `timeout` passes.
     /// Returns at once if space was freed since `since` (a value from
     /// [`Node::writable_generation`]).
@@ -687,9 +1031,47 @@ impl Node {
                 Err(SendError::WouldBlock { .. }) if Instant::now() < deadline => {
                     self.wait_writable(generation, Duration::from_millis(50).min(deadline - Instant::now()));
                 }
+                // A group: retry the members that were full, only them.
+                Err(SendError::Multicast {
+                    group,
+                    mut delivered,
+                    failed,
+                }) => {
+                    let mut still = Vec::new();
+                    for (member, error) in failed {
+                        let retried = match error {
+                            SendError::WouldBlock { .. } => self.send_blocking(
+                                &member,
+                                stream_id,
+                                data.clone(),
+                                deadline.saturating_duration_since(Instant::now()),
+                            ),
+                            other => Err(other),
+                        };
+                        match retried {
+                            Ok(()) => delivered.push(member),
+                            Err(e) => still.push((member, e)),
+                        }
+                    }
+                    return if still.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(SendError::Multicast {
+                            group,
+                            delivered,
+                            failed: still,
+                        })
+                    };
+                }
                 other => return other,
             }
         }
+    }
+
+    /// The next report of messages dropped after they were accepted (see
+    /// [`Undelivered`]), waiting up to `timeout`.
+    pub fn recv_undelivered(&self, timeout: Duration) -> Option<Undelivered> {
+        self.shared.undelivered_rx.recv_timeout(timeout).ok()
     }
 
     /// The next received message, waiting up to `timeout`; messages of
@@ -754,6 +1136,12 @@ impl Node {
         if self.shared.stopping.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Withdrawn first: peers stop routing here before connections close.
+        if self.shared.record.get().is_some()
+            && let Err(e) = self.shared.discovery.withdraw(&self.shared.name)
+        {
+            tracing::warn!(node = %self.shared.name, "cannot withdraw the discovery record: {e}");
+        }
         mem::unregister(&self.shared);
         let (tx, rx) = crossbeam_channel::unbounded();
         for shard in &self.shared.shards {
@@ -771,6 +1159,87 @@ impl Node {
         {
             runtime.stop();
         }
+    }
+}
+
+/// The watcher thread: applies discovery changes until the node stops.
+fn follow_discovery(node: &std::sync::Weak<Shared>, changes: &crate::discovery::Subscription) {
+    loop {
+        let change = changes.recv_timeout(Duration::from_millis(200));
+        let Some(shared) = node.upgrade() else { return };
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        if changes.take_lagged() {
+            // Changes were lost: look every learned route up again.
+            let names: Vec<Arc<str>> = shared
+                .peers
+                .read()
+                .map(|p| p.keys().cloned().collect())
+                .unwrap_or_default();
+            for name in names {
+                let change = match shared.discovery.get(&name) {
+                    Some(record) => Change::Put(record),
+                    None => Change::Delete(name.to_string()),
+                };
+                shared.on_discovery_change(&change);
+            }
+        }
+        if let Some(change) = change {
+            shared.on_discovery_change(&change);
+        }
+    }
+}
+
+/// The record a node publishes: its name, host, metadata and gateways (from
+/// the config, else one per kind of bound address).
+fn own_record(config: &NodeConfig, bound: &[Address]) -> NodeRecord {
+    let host = config.host.clone().unwrap_or_else(|| Host {
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_string()),
+        pid: i64::from(std::process::id()),
+    });
+    let gateway = if config.gateways.is_empty() {
+        let (unix, network): (Vec<&Address>, Vec<&Address>) = bound
+            .iter()
+            .filter(|a| !matches!(a, Address::Mem(_)))
+            .partition(|a| a.is_unix());
+        let mut gateways = Vec::new();
+        if !unix.is_empty() {
+            gateways.push(Gateway {
+                priority: 0,
+                address: unix.iter().map(ToString::to_string).collect(),
+                r#match: Some(Match {
+                    host: Some(Host {
+                        hostname: host.hostname.clone(),
+                        pid: 0,
+                    }),
+                    metadata: None,
+                }),
+            });
+        }
+        if !network.is_empty() {
+            gateways.push(Gateway {
+                priority: 10,
+                address: network.iter().map(ToString::to_string).collect(),
+                r#match: None,
+            });
+        }
+        gateways
+    } else {
+        config.gateways.clone()
+    };
+    NodeRecord {
+        name: config.name.clone(),
+        r#type: crate::discovery::TYPE_NODE.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        host: Some(host),
+        metadata: Some(config.metadata.clone()),
+        gateway,
+        ..NodeRecord::default()
     }
 }
 

@@ -41,6 +41,12 @@ pub(super) struct ShardState {
     pub stopping: Cell<bool>,
     /// Wakes connection tasks at shutdown.
     pub shutdown: super::conn::Notify,
+    /// Per peer: bumped when its dial loops must end (a new address list, or
+    /// the peer is gone for good).
+    dial_epochs: RefCell<HashMap<Arc<str>, u64>>,
+    /// Peers given up on: messages still queued for them are reported as
+    /// undelivered, until a new route dials them again.
+    forgotten: RefCell<std::collections::HashSet<Arc<str>>>,
 }
 
 impl ShardState {
@@ -83,10 +89,22 @@ impl ShardState {
         }
     }
 
+    /// The current dial epoch of `peer` (see `dial_epochs`).
+    pub fn dial_epoch(&self, peer: &str) -> u64 {
+        self.dial_epochs.borrow().get(peer).copied().unwrap_or(0)
+    }
+
     /// The application queue is full: sessions keep their messages.
     fn app_blocked(&self, urgent: bool) -> bool {
         !self.undelivered[usize::from(urgent)].borrow().is_empty()
     }
+}
+
+/// Takes `len` bytes off a backlog counter, never below zero: a message
+/// accepted under a route that was since replaced may be released against
+/// the new route's counter.
+fn release(counter: &std::sync::atomic::AtomicUsize, len: usize) {
+    let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(len)));
 }
 
 /// Write side of one connection, kept by its endpoint so that any task that
@@ -232,7 +250,7 @@ impl Endpoint {
                             break;
                         }
                         queue.pop_front();
-                        self.queued[usize::from(urgent)].fetch_sub(len, Ordering::AcqRel);
+                        release(&self.queued[usize::from(urgent)], len);
                         writable = true;
                     }
                     if queue.is_empty() {
@@ -366,6 +384,8 @@ pub(super) fn install(
         undelivered: [RefCell::new(VecDeque::new()), RefCell::new(VecDeque::new())],
         stopping: Cell::new(false),
         shutdown: super::conn::Notify::default(),
+        dial_epochs: RefCell::new(HashMap::new()),
+        forgotten: RefCell::new(std::collections::HashSet::new()),
     });
     LOCAL.with(|l| *l.borrow_mut() = Some(state.clone()));
     // Shard 0 binds every listen address; the other shards bind the TCP
@@ -402,22 +422,80 @@ pub(super) fn install(
     Ok(bound)
 }
 
-/// Dials `address` for `peer` from this shard, and keeps redialling; with
-/// [`super::NodeConfig::latency_path`], a second connection for urgent streams.
-pub(super) fn dial(peer: Arc<str>, address: Address) {
-    if let Some(state) = local() {
-        if state.shared.config.latency_path {
-            let (state, peer, address) = (state.clone(), peer.clone(), address.clone());
-            runtime::spawn(
-                TaskClass::Throughput,
-                super::conn::dial_loop(state, peer, address, true),
-            );
-        }
+/// Dials `peer` from this shard at the first of `addresses` that answers,
+/// and keeps redialling; with [`super::NodeConfig::latency_path`], a second
+/// connection for urgent streams. `replace`: the loops dialling it so far end
+/// (their connections stay until they drop).
+pub(super) fn dial(peer: Arc<str>, addresses: Vec<Address>, replace: bool) {
+    let Some(state) = local() else {
+        return;
+    };
+    if addresses.is_empty() {
+        return;
+    }
+    state.forgotten.borrow_mut().remove(&peer);
+    if replace {
+        *state.dial_epochs.borrow_mut().entry(peer.clone()).or_default() += 1;
+    }
+    let epoch = state.dial_epoch(&peer);
+    let addresses: Rc<[Address]> = addresses.into();
+    if state.shared.config.latency_path {
+        let (state, peer, addresses) = (state.clone(), peer.clone(), addresses.clone());
         runtime::spawn(
             TaskClass::Throughput,
-            super::conn::dial_loop(state, peer, address, false),
+            super::conn::dial_loop(state, peer, addresses, epoch, true),
         );
     }
+    runtime::spawn(
+        TaskClass::Throughput,
+        super::conn::dial_loop(state, peer, addresses, epoch, false),
+    );
+}
+
+/// Gives up on `peer` (gone for good): its dial loops end, its connections
+/// close, and every message accepted for it and not acknowledged is reported
+/// to the application as undelivered.
+pub(super) fn forget(peer: Arc<str>, reason: String) {
+    let Some(state) = local() else {
+        return;
+    };
+    *state.dial_epochs.borrow_mut().entry(peer.clone()).or_default() += 1;
+    state.forgotten.borrow_mut().insert(peer.clone());
+    let Some(endpoint) = state.endpoints.borrow_mut().remove(&peer) else {
+        return;
+    };
+    let mut dropped: BTreeMap<StreamId, (u64, u64)> = BTreeMap::new();
+    {
+        let mut st = endpoint.state.borrow_mut();
+        for (stream_id, messages, bytes) in st.session.abandon() {
+            let entry = dropped.entry(stream_id).or_default();
+            entry.0 += messages;
+            entry.1 += bytes;
+        }
+        for (stream_id, held) in std::mem::take(&mut st.pending) {
+            let entry = dropped.entry(stream_id).or_default();
+            for (data, urgent) in held {
+                entry.0 += 1;
+                entry.1 += data.len() as u64;
+                release(&endpoint.queued[usize::from(urgent)], data.len());
+            }
+        }
+    }
+    endpoint.close_all(crate::proto::CloseReasonData {
+        code: crate::proto::AtbusCloseReason::Shutdown as i32,
+        message: reason.clone(),
+    });
+    endpoint.drive(&state);
+    for (stream_id, (messages, bytes)) in dropped {
+        state.shared.report_undelivered(super::Undelivered {
+            to: peer.clone(),
+            stream_id,
+            messages,
+            bytes,
+            reason: reason.clone(),
+        });
+    }
+    state.shared.notify_writable();
 }
 
 /// Takes over a connection another shard accepted for a peer homed here.
@@ -476,13 +554,21 @@ pub(super) fn drain_send_queue() {
     let queue = &state.shared.send_queues[state.index];
     let mut touched: Vec<Rc<Endpoint>> = Vec::new();
     let mut freed = false;
+    let mut dropped: BTreeMap<(Arc<str>, StreamId), (u64, u64)> = BTreeMap::new();
     while let Some(outgoing) = queue.pop() {
         freed = true;
-        let endpoint = state.endpoint(&outgoing.to);
         let len = outgoing.data.len();
+        if state.forgotten.borrow().contains(&outgoing.to) {
+            let entry = dropped.entry((outgoing.to.clone(), outgoing.stream_id)).or_default();
+            entry.0 += 1;
+            // Its byte counter went with the dropped route.
+            entry.1 += len as u64;
+            continue;
+        }
+        let endpoint = state.endpoint(&outgoing.to);
         match endpoint.send(outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
             Ok(()) => {
-                endpoint.queued[usize::from(outgoing.urgent)].fetch_sub(len, Ordering::AcqRel);
+                release(&endpoint.queued[usize::from(outgoing.urgent)], len);
             }
             Err(crate::stream::SendError::WouldBlock { .. }) => {
                 // Accepted already: held until the window opens (still
@@ -496,7 +582,7 @@ pub(super) fn drain_send_queue() {
                     .push_back((outgoing.data, outgoing.urgent));
             }
             Err(e) => {
-                endpoint.queued[usize::from(outgoing.urgent)].fetch_sub(len, Ordering::AcqRel);
+                release(&endpoint.queued[usize::from(outgoing.urgent)], len);
                 tracing::warn!(peer = %outgoing.to, "message refused by the stream layer: {e}");
             }
         }
@@ -506,6 +592,15 @@ pub(super) fn drain_send_queue() {
     }
     for endpoint in touched {
         endpoint.drive(&state);
+    }
+    for ((to, stream_id), (messages, bytes)) in dropped {
+        state.shared.report_undelivered(super::Undelivered {
+            to,
+            stream_id,
+            messages,
+            bytes,
+            reason: "the peer is gone for good (its route was dropped)".into(),
+        });
     }
     if freed {
         state.shared.notify_writable();

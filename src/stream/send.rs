@@ -70,6 +70,12 @@ impl SendStream {
             .map_or(0, |(offset, _)| self.write_offset - offset)
     }
 
+    /// Messages not fully acknowledged, and their bytes.
+    pub(crate) fn unacknowledged_messages(&self) -> (u64, u64) {
+        let bytes = self.messages.iter().map(|(_, m)| m.len() as u64).sum();
+        (self.messages.len() as u64, bytes)
+    }
+
     pub(crate) fn push(&mut self, data: Bytes, max_message_len: usize) -> Result<(), SendError> {
         if self.fin.is_some() {
             return Err(SendError::Finished { stream_id: self.id });

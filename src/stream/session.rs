@@ -270,6 +270,27 @@ impl Session {
         self.send.get(&stream_id).map_or(0, SendStream::retained)
     }
 
+    /// Gives up on the peer: every send stream is dropped, and for each one
+    /// with messages not fully acknowledged, returns (stream, messages,
+    /// bytes). Receive state stays (what arrived was delivered).
+    pub fn abandon(&mut self) -> Vec<(StreamId, u64, u64)> {
+        let dropped = self
+            .send
+            .iter()
+            .filter_map(|(id, stream)| {
+                let (messages, bytes) = stream.unacknowledged_messages();
+                (messages > 0).then_some((*id, messages, bytes))
+            })
+            .collect();
+        self.send.clear();
+        self.queued.clear();
+        for path in self.paths.values_mut() {
+            path.in_flight.clear();
+            path.in_flight_bytes = 0;
+        }
+        dropped
+    }
+
     /// Whether every stream's data has been acknowledged by the peer.
     pub fn is_drained(&self) -> bool {
         self.send.values().all(SendStream::is_drained)

@@ -1,0 +1,292 @@
+//! A node's YAML configuration file.
+//!
+//! ```yaml
+//! name: alpha                      # Kubernetes name rules
+//! listen: [tcp://127.0.0.1:0, unix:///tmp/alpha.sock]
+//! shards: 1                        # 0: one per core
+//! discovery: { type: file, path: /etc/atbus/discovery.yaml }
+//! metadata: { namespace_name: game, labels: { zone: eu } }
+//! limits: { recv_queue: 8192, send_window: 4194304 }
+//! timeouts_ms: { connect: 2000, idle: 5000 }
+//! ```
+//!
+//! Every key is optional but `name`; unknown keys are errors (a typo never
+//! passes silently). Values are checked by [`NodeConfig::validate`], whose
+//! errors name the field.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{DiscoverySource, NodeConfig, NodeError};
+use crate::discovery::{Gateway, Host, Metadata};
+
+/// The file's shape (see the module docs).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeFile {
+    /// The node's name.
+    pub name: String,
+    /// Listen addresses.
+    #[serde(deserialize_with = "crate::discovery::one_or_many")]
+    pub listen: Vec<String>,
+    /// Shards (0: one per core).
+    pub shards: Option<usize>,
+    /// Core of shard 0.
+    pub first_core: Option<usize>,
+    /// Pin shards to cores.
+    pub pin: Option<bool>,
+    /// glommio io memory per shard, bytes (3 × this is locked).
+    pub io_memory: Option<usize>,
+    /// Where records live.
+    pub discovery: DiscoveryFile,
+    /// Published metadata.
+    pub metadata: Option<Metadata>,
+    /// Published host identity (default: this machine and process).
+    pub host: Option<Host>,
+    /// Published gateways (default: from the listen addresses).
+    pub gateways: Vec<Gateway>,
+    /// Queues and windows.
+    pub limits: LimitsFile,
+    /// Timers, in milliseconds.
+    pub timeouts_ms: TimeoutsFile,
+    /// Bad frames tolerated per connection.
+    pub max_bad_frames: Option<u32>,
+    /// A second connection per route for urgent streams.
+    pub latency_path: Option<bool>,
+}
+
+/// `discovery:` — which backend.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DiscoveryFile {
+    /// The process's in-memory registry.
+    #[default]
+    Embedded,
+    /// A YAML file of records, reloaded on change.
+    File {
+        /// Its path (relative to the config file).
+        path: PathBuf,
+    },
+    /// etcd (lease + watch).
+    Etcd {
+        /// `http://host:port` client URLs.
+        endpoints: Vec<String>,
+        /// Key prefix.
+        #[serde(default)]
+        prefix: Option<String>,
+        /// Lease time to live, seconds.
+        #[serde(default)]
+        ttl_seconds: Option<u64>,
+    },
+}
+
+/// `limits:` — see the matching [`NodeConfig`] and stream config fields.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct LimitsFile {
+    pub recv_queue: Option<usize>,
+    pub send_queue: Option<usize>,
+    pub send_buffer: Option<usize>,
+    pub send_window: Option<usize>,
+    pub recv_window: Option<usize>,
+    pub max_message_len: Option<usize>,
+    pub max_streams: Option<usize>,
+    pub udp_window: Option<usize>,
+    pub udp_mtu: Option<usize>,
+    pub stream_mtu: Option<usize>,
+    pub write_batch: Option<usize>,
+}
+
+/// `timeouts_ms:` — milliseconds.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct TimeoutsFile {
+    pub connect: Option<u64>,
+    pub reconnect_min: Option<u64>,
+    pub reconnect_max: Option<u64>,
+    pub ping_interval: Option<u64>,
+    pub idle: Option<u64>,
+}
+
+fn set<T>(target: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *target = value;
+    }
+}
+
+fn millis(target: &mut Duration, value: Option<u64>) {
+    if let Some(ms) = value {
+        *target = Duration::from_millis(ms);
+    }
+}
+
+impl NodeFile {
+    /// Parses YAML text; errors carry the line and the offending key.
+    pub fn parse(text: &str) -> Result<Self, NodeError> {
+        yaml_serde::from_str(text).map_err(|e| NodeError::Config {
+            field: "file",
+            reason: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, NodeError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| NodeError::Config {
+            field: "file",
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            NodeError::Config { field, reason } => NodeError::Config {
+                field,
+                reason: format!("{}: {reason}", path.display()),
+            },
+            other => other,
+        })
+    }
+
+    /// The node configuration this file describes (validated), with the
+    /// discovery backend opened. `base`: directory relative paths start from.
+    pub fn into_config(self, base: &Path) -> Result<NodeConfig, NodeError> {
+        let listen: Vec<&str> = self.listen.iter().map(String::as_str).collect();
+        let mut config = NodeConfig::new(&self.name, &listen)?;
+        set(&mut config.runtime.shards, self.shards);
+        set(&mut config.runtime.first_core, self.first_core);
+        set(&mut config.runtime.pin, self.pin);
+        set(&mut config.runtime.io_memory, self.io_memory);
+        set(&mut config.metadata, self.metadata);
+        config.host = self.host;
+        config.gateways = self.gateways;
+        set(&mut config.max_bad_frames, self.max_bad_frames);
+        set(&mut config.latency_path, self.latency_path);
+        let l = self.limits;
+        set(&mut config.recv_queue, l.recv_queue);
+        set(&mut config.send_queue, l.send_queue);
+        set(&mut config.send_buffer, l.send_buffer);
+        set(&mut config.stream.send_window, l.send_window);
+        set(&mut config.stream.recv_window, l.recv_window);
+        set(&mut config.stream.max_message_len, l.max_message_len);
+        set(&mut config.stream.max_streams, l.max_streams);
+        set(&mut config.udp_window, l.udp_window);
+        set(&mut config.udp_mtu, l.udp_mtu);
+        set(&mut config.stream_mtu, l.stream_mtu);
+        set(&mut config.write_batch, l.write_batch);
+        let t = self.timeouts_ms;
+        millis(&mut config.connect_timeout, t.connect);
+        millis(&mut config.reconnect_min, t.reconnect_min);
+        millis(&mut config.reconnect_max, t.reconnect_max);
+        millis(&mut config.ping_interval, t.ping_interval);
+        millis(&mut config.idle_timeout, t.idle);
+        config.validate()?;
+        config.discovery = open_discovery(self.discovery, base)?;
+        Ok(config)
+    }
+}
+
+fn open_discovery(file: DiscoveryFile, base: &Path) -> Result<DiscoverySource, NodeError> {
+    let failed = |reason: String| NodeError::Config {
+        field: "discovery",
+        reason,
+    };
+    Ok(match file {
+        DiscoveryFile::Embedded => DiscoverySource::default(),
+        DiscoveryFile::File { path } => {
+            let path = base.join(path);
+            let backend = crate::discovery::FileDiscovery::open(&path).map_err(|e| failed(e.to_string()))?;
+            DiscoverySource(Arc::new(backend))
+        }
+        #[cfg(feature = "etcd")]
+        DiscoveryFile::Etcd {
+            endpoints,
+            prefix,
+            ttl_seconds,
+        } => {
+            let mut etcd = crate::discovery::EtcdConfig {
+                endpoints,
+                ..Default::default()
+            };
+            set(&mut etcd.prefix, prefix);
+            if let Some(ttl) = ttl_seconds {
+                etcd.ttl = Duration::from_secs(ttl);
+            }
+            let backend = crate::discovery::EtcdDiscovery::start(etcd).map_err(|e| failed(e.to_string()))?;
+            DiscoverySource(Arc::new(backend))
+        }
+        #[cfg(not(feature = "etcd"))]
+        DiscoveryFile::Etcd { .. } => {
+            return Err(failed("this build has no etcd support (feature `etcd`)".into()));
+        }
+    })
+}
+
+impl NodeConfig {
+    /// A configuration from a YAML file (see [`NodeFile`]).
+    pub fn from_yaml_file(path: impl AsRef<Path>) -> Result<Self, NodeError> {
+        let path = path.as_ref();
+        let base = path.parent().unwrap_or(Path::new("."));
+        NodeFile::load(path)?.into_config(base)
+    }
+
+    /// A configuration from YAML text; relative paths start at the current
+    /// directory.
+    pub fn from_yaml(text: &str) -> Result<Self, NodeError> {
+        NodeFile::parse(text)?.into_config(Path::new("."))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_becomes_a_config() {
+        let config = NodeConfig::from_yaml(
+            "name: alpha\n\
+             listen: [tcp://127.0.0.1:0, unix://@alpha-test]\n\
+             shards: 2\n\
+             metadata: { namespace_name: game, labels: { zone: eu } }\n\
+             limits: { recv_queue: 100, send_window: 65536 }\n\
+             timeouts_ms: { connect: 300, idle: 9000 }\n\
+             latency_path: false\n",
+        )
+        .expect("valid");
+        assert_eq!(config.name, "alpha");
+        assert_eq!(config.listen.len(), 2);
+        assert_eq!(config.runtime.shards, 2);
+        assert_eq!(config.recv_queue, 100);
+        assert_eq!(config.stream.send_window, 65536);
+        assert_eq!(config.connect_timeout, Duration::from_millis(300));
+        assert_eq!(config.idle_timeout, Duration::from_secs(9));
+        assert!(!config.latency_path);
+        assert_eq!(config.metadata.labels.get("zone").map(String::as_str), Some("eu"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("name: Not_Valid\n", "name"),
+            ("name: a\nlisten: [sctp://x:1]\n", "sctp"),
+            ("name: a\nlisten_on: [tcp://x:1]\n", "listen_on"),
+            ("name: a\nlimits: { recv_queue: 0 }\n", "recv_queue"),
+            (
+                "name: a\ntimeouts_ms: { idle: 10, ping_interval: 1000 }\n",
+                "idle_timeout",
+            ),
+            ("name: a\ndiscovery: { type: zookeeper }\n", "zookeeper"),
+            (
+                "name: a\ndiscovery: { type: file, path: /nonexistent/d.yaml }\n",
+                "/nonexistent/d.yaml",
+            ),
+            ("name: [a\n", "file"),
+        ];
+        for (text, expected) in cases {
+            let err = NodeConfig::from_yaml(text).expect_err(text).to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+}
