@@ -389,6 +389,18 @@ pub struct Undelivered {
     pub reason: String,
 }
 
+/// How this node reaches a peer (see [`Node::route_to`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteInfo {
+    /// Same process: in memory.
+    Mem,
+    /// Dialled at these addresses (best first), from discovery or
+    /// [`Node::add_route`] (then empty: see the routes added).
+    Dial(Vec<Address>),
+    /// A group: its members.
+    Group(Vec<String>),
+}
+
 /// Node-wide counters (lifetime totals).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeStats {
@@ -832,6 +844,19 @@ impl Node {
                 NodeError::Runtime(RuntimeError::Wakeup { shard: 0, source: e })
             })?;
         Ok(node)
+    }
+
+    /// How this node reaches `peer` now, if it has a route (routes are made
+    /// on the first send to a name, or by [`Node::add_route`]).
+    pub fn route_to(&self, peer: &str) -> Option<RouteInfo> {
+        let peers = self.shared.peers.read().ok()?;
+        Some(match peers.get(peer)? {
+            Route::Mem(_) => RouteInfo::Mem,
+            Route::Shard { learned, .. } => {
+                RouteInfo::Dial(learned.as_deref().map(<[Address]>::to_vec).unwrap_or_default())
+            }
+            Route::Group(members) => RouteInfo::Group(members.iter().map(ToString::to_string).collect()),
+        })
     }
 
     /// This node's discovery record, as published.

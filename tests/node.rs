@@ -1,0 +1,272 @@
+//! Nodes found by name through discovery, in one process over real sockets:
+//! routing picks mem / unix / tcp from the records, groups multicast, names
+//! that cannot be reached fail clearly, and a peer that goes for good has its
+//! queued messages reported back.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use libatbus::address::Address;
+use libatbus::discovery::{
+    Discovery, Gateway, GroupRecord, Host, Match, MemoryDiscovery, Metadata, NodeRecord, Record,
+};
+use libatbus::node::{DiscoverySource, Node, NodeConfig, RouteInfo, SendError};
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string()
+}
+
+fn start(name: &str, listen: &[&str], discovery: &Arc<MemoryDiscovery>, host: Option<Host>) -> Node {
+    let mut config = NodeConfig::new(name, listen).expect("config");
+    config.discovery = DiscoverySource(discovery.clone());
+    config.host = host;
+    Node::start(config).expect("node starts")
+}
+
+fn group(name: &str, members: &[&str]) -> Record {
+    Record::Group(GroupRecord {
+        name: name.into(),
+        r#type: "group".into(),
+        node_list: members.iter().map(|m| m.to_string()).collect(),
+        ..GroupRecord::default()
+    })
+}
+
+/// A group of three members (one in this process, one "on this host in
+/// another process", one "on another host") receives every message sent to
+/// the group name exactly once, in order, each over the transport routing
+/// chose for it.
+#[test]
+fn multicast_group_of_three_gets_each_message_once() {
+    const MESSAGES: u64 = 5_000;
+    let tag = std::process::id();
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let sender = start("mc-sender", &["tcp://127.0.0.1:0"], &discovery, None);
+    let local = start("mc-local", &["tcp://127.0.0.1:0"], &discovery, None);
+    let neighbour = start(
+        "mc-neighbour",
+        &[&format!("unix://@atbus-mc-{tag}"), "tcp://127.0.0.1:0"],
+        &discovery,
+        Some(Host {
+            hostname: hostname(),
+            pid: 1,
+        }),
+    );
+    let remote = start(
+        "mc-remote",
+        &["tcp://127.0.0.1:0", &format!("unix://@atbus-mc-remote-{tag}")],
+        &discovery,
+        Some(Host {
+            hostname: "elsewhere.example".into(),
+            pid: 1,
+        }),
+    );
+    discovery
+        .publish(group("mc-group", &["mc-local", "mc-neighbour", "mc-remote"]))
+        .expect("group published");
+
+    for seq in 0..MESSAGES {
+        sender
+            .send_blocking(
+                "mc-group",
+                1,
+                Bytes::from(seq.to_le_bytes().to_vec()),
+                Duration::from_secs(30),
+            )
+            .unwrap_or_else(|e| panic!("multicast {seq}: {e}"));
+    }
+    assert_eq!(sender.route_to("mc-local"), Some(RouteInfo::Mem));
+    let unix: Address = format!("unix://@atbus-mc-{tag}").parse().expect("address");
+    assert_eq!(sender.route_to("mc-neighbour"), Some(RouteInfo::Dial(vec![unix])));
+    match sender.route_to("mc-remote") {
+        Some(RouteInfo::Dial(addresses)) => {
+            assert_eq!(addresses.len(), 1);
+            assert!(matches!(addresses[0], Address::Tcp { .. }), "{addresses:?}");
+        }
+        other => panic!("mc-remote: {other:?}"),
+    }
+    for member in [&local, &neighbour, &remote] {
+        for seq in 0..MESSAGES {
+            let message = member
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|| panic!("{}: message {seq} never arrived", member.name()));
+            assert_eq!(&*message.from, "mc-sender");
+            assert_eq!(
+                message.data.as_ref(),
+                seq.to_le_bytes(),
+                "{}: out of order",
+                member.name()
+            );
+        }
+        assert!(
+            member.recv_timeout(Duration::from_millis(200)).is_none(),
+            "{}: a message came twice",
+            member.name()
+        );
+    }
+}
+
+/// Every way a name can fail at `send` says what is wrong.
+#[test]
+fn unreachable_names_fail_clearly() {
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let sender = start("nr-sender", &["tcp://127.0.0.1:0"], &discovery, None);
+    // Only nodes of namespace "private" may use its one gateway.
+    let hidden = NodeRecord {
+        name: "nr-hidden".into(),
+        r#type: "node".into(),
+        host: Some(Host {
+            hostname: "elsewhere.example".into(),
+            pid: 9,
+        }),
+        gateway: vec![Gateway {
+            priority: 0,
+            address: vec!["tcp://192.0.2.1:7000".into()],
+            r#match: Some(Match {
+                host: None,
+                metadata: Some(Metadata {
+                    namespace_name: "private".into(),
+                    ..Metadata::default()
+                }),
+            }),
+        }],
+        ..NodeRecord::default()
+    };
+    discovery.publish(Record::Node(hidden)).expect("published");
+    discovery
+        .publish(group("nr-group", &["nr-hidden", "nr-nobody"]))
+        .expect("published");
+
+    let err = sender
+        .send("nr-nobody", 0, Bytes::from_static(b"x"))
+        .expect_err("unknown");
+    assert!(matches!(err, SendError::UnknownPeer(_)), "{err:?}");
+    assert!(err.to_string().contains("\"nr-nobody\": not in discovery"), "{err}");
+
+    let err = sender
+        .send("nr-hidden", 0, Bytes::from_static(b"x"))
+        .expect_err("no route");
+    assert!(matches!(err, SendError::NoRoute(_)), "{err:?}");
+    assert!(err.to_string().contains("ROUTER_NOT_FOUND"), "{err}");
+    assert!(err.to_string().contains("nr-hidden"), "{err}");
+
+    let err = sender
+        .send("nr-group", 0, Bytes::from_static(b"x"))
+        .expect_err("partial");
+    let SendError::Multicast {
+        group,
+        delivered,
+        failed,
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!(group, "nr-group");
+    assert!(delivered.is_empty());
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(err.to_string().contains("ROUTER_NOT_FOUND"), "{err}");
+    assert!(sender.route_to("nr-hidden").is_none(), "no route was made");
+}
+
+/// Messages queued for a peer that never answers are reported back, per
+/// stream, once its record is withdrawn; the node goes on.
+#[test]
+fn a_peer_gone_for_good_has_its_messages_reported() {
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let sender = start("gone-sender", &["tcp://127.0.0.1:0"], &discovery, None);
+    // A record pointing at a port where nothing listens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let ghost = NodeRecord {
+        name: "gone-ghost".into(),
+        r#type: "node".into(),
+        host: Some(Host {
+            hostname: "elsewhere.example".into(),
+            pid: 9,
+        }),
+        gateway: vec![Gateway {
+            priority: 0,
+            address: vec![format!("tcp://127.0.0.1:{port}")],
+            r#match: None,
+        }],
+        ..NodeRecord::default()
+    };
+    discovery.publish(Record::Node(ghost)).expect("published");
+    for i in 0..10u8 {
+        sender
+            .send("gone-ghost", 3, Bytes::from(vec![i; 100]))
+            .expect("accepted while the peer is unreachable");
+    }
+    sender
+        .send("gone-ghost", 4, Bytes::from_static(b"last"))
+        .expect("accepted");
+    thread::sleep(Duration::from_millis(100));
+    discovery.withdraw("gone-ghost").expect("withdrawn");
+
+    let mut reports = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reports.len() < 2 && Instant::now() < deadline {
+        if let Some(report) = sender.recv_undelivered(Duration::from_millis(100)) {
+            reports.push(report);
+        }
+    }
+    reports.sort_by_key(|r| r.stream_id);
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert_eq!(
+        (reports[0].stream_id, reports[0].messages, reports[0].bytes),
+        (3, 10, 1000)
+    );
+    assert_eq!((reports[1].stream_id, reports[1].messages, reports[1].bytes), (4, 1, 4));
+    assert!(reports[0].reason.contains("withdrawn"), "{}", reports[0].reason);
+    assert_eq!(&*reports[0].to, "gone-ghost");
+    // The name is unknown now, and the node still works.
+    assert!(matches!(
+        sender.send("gone-ghost", 3, Bytes::from_static(b"x")),
+        Err(SendError::UnknownPeer(_))
+    ));
+    assert!(sender.route_to("gone-ghost").is_none());
+}
+
+/// A node started from YAML publishes what the file says; a second node of
+/// the same name in this process is refused.
+#[test]
+fn node_from_yaml_publishes_its_record() {
+    let dir = std::env::temp_dir().join(format!("atbus-yaml-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("node.yaml");
+    std::fs::write(
+        &path,
+        "name: yaml-node\nlisten: tcp://127.0.0.1:0\nmetadata: { namespace_name: game, labels: { zone: eu } }\nlimits: { recv_queue: 64 }\n",
+    )
+    .expect("write");
+    let node = Node::start(NodeConfig::from_yaml_file(&path).expect("config")).expect("starts");
+    let published = libatbus::discovery::embedded()
+        .get("yaml-node")
+        .expect("published in the embedded registry");
+    let record = published.as_node().expect("a node record");
+    assert_eq!(
+        record.metadata.as_ref().map(|m| m.namespace_name.as_str()),
+        Some("game")
+    );
+    assert_eq!(record.host.as_ref().map(|h| h.pid), Some(i64::from(std::process::id())));
+    let bound = node.listen_addresses()[0].to_string();
+    assert!(record.gateway.iter().any(|g| g.address.contains(&bound)), "{record:?}");
+
+    let again = Node::start(NodeConfig::from_yaml_file(&path).expect("config"));
+    let err = again.expect_err("duplicate name").to_string();
+    assert!(err.contains("already runs in this process"), "{err}");
+
+    node.stop(Duration::from_millis(100));
+    assert!(
+        libatbus::discovery::embedded().get("yaml-node").is_none(),
+        "withdrawn at stop"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
