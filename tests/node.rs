@@ -37,6 +37,24 @@ fn group(name: &str, members: &[&str]) -> Record {
     })
 }
 
+/// The record of a node "on another host" with one gateway.
+fn remote(name: &str, address: &str, rule: Option<Match>) -> NodeRecord {
+    NodeRecord {
+        name: name.into(),
+        r#type: "node".into(),
+        host: Some(Host {
+            hostname: "elsewhere.example".into(),
+            pid: 9,
+        }),
+        gateway: vec![Gateway {
+            priority: 0,
+            address: vec![address.into()],
+            r#match: rule,
+        }],
+        ..NodeRecord::default()
+    }
+}
+
 /// A group of three members (one in this process, one "on this host in
 /// another process", one "on another host") receives every message sent to
 /// the group name exactly once, in order, each over the transport routing
@@ -117,26 +135,17 @@ fn unreachable_names_fail_clearly() {
     let discovery = Arc::new(MemoryDiscovery::new());
     let sender = start("nr-sender", &["tcp://127.0.0.1:0"], &discovery, None);
     // Only nodes of namespace "private" may use its one gateway.
-    let hidden = NodeRecord {
-        name: "nr-hidden".into(),
-        r#type: "node".into(),
-        host: Some(Host {
-            hostname: "elsewhere.example".into(),
-            pid: 9,
-        }),
-        gateway: vec![Gateway {
-            priority: 0,
-            address: vec!["tcp://192.0.2.1:7000".into()],
-            r#match: Some(Match {
-                host: None,
-                metadata: Some(Metadata {
-                    namespace_name: "private".into(),
-                    ..Metadata::default()
-                }),
+    let hidden = remote(
+        "nr-hidden",
+        "tcp://192.0.2.1:7000",
+        Some(Match {
+            host: None,
+            metadata: Some(Metadata {
+                namespace_name: "private".into(),
+                ..Metadata::default()
             }),
-        }],
-        ..NodeRecord::default()
-    };
+        }),
+    );
     discovery.publish(Record::Node(hidden)).expect("published");
     discovery
         .publish(group("nr-group", &["nr-hidden", "nr-nobody"]))
@@ -184,20 +193,7 @@ fn a_peer_gone_for_good_has_its_messages_reported() {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let ghost = NodeRecord {
-        name: "gone-ghost".into(),
-        r#type: "node".into(),
-        host: Some(Host {
-            hostname: "elsewhere.example".into(),
-            pid: 9,
-        }),
-        gateway: vec![Gateway {
-            priority: 0,
-            address: vec![format!("tcp://127.0.0.1:{port}")],
-            r#match: None,
-        }],
-        ..NodeRecord::default()
-    };
+    let ghost = remote("gone-ghost", &format!("tcp://127.0.0.1:{port}"), None);
     discovery.publish(Record::Node(ghost)).expect("published");
     for i in 0..10u8 {
         sender
@@ -269,4 +265,33 @@ fn node_from_yaml_publishes_its_record() {
         "withdrawn at stop"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Messages still unacknowledged when the node stops are reported too.
+#[test]
+fn messages_left_at_stop_are_reported() {
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let node = start("stop-sender", &["tcp://127.0.0.1:0"], &discovery, None);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    node.add_route(
+        "stop-nobody",
+        format!("tcp://127.0.0.1:{port}").parse().expect("address"),
+    )
+    .expect("route");
+    for _ in 0..5 {
+        node.send("stop-nobody", 7, Bytes::from_static(b"pending"))
+            .expect("accepted");
+    }
+    node.stop(Duration::from_millis(100));
+    let report = node
+        .recv_undelivered(Duration::from_secs(1))
+        .expect("a report after stop");
+    assert_eq!(
+        (&*report.to, report.stream_id, report.messages, report.bytes),
+        ("stop-nobody", 7, 5, 35)
+    );
+    assert!(report.reason.contains("stopped"), "{}", report.reason);
 }

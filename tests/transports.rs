@@ -236,7 +236,7 @@ fn urgent_message_overtakes_a_full_ordinary_queue() {
     }
     // The reader's ordinary queue fills; the rest waits in its session.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while reader.stats().messages_received < 16 {
+    while reader.stats().queued < 16 {
         assert!(Instant::now() < deadline, "bulk never arrived");
         thread::sleep(Duration::from_millis(5));
     }
@@ -244,7 +244,7 @@ fn urgent_message_overtakes_a_full_ordinary_queue() {
         .send_urgent("slow-reader", 9, Bytes::from_static(b"tick"))
         .expect("urgent send");
     // It reaches the application although the ordinary queue is full.
-    while reader.stats().messages_received < 17 {
+    while reader.stats().queued < 17 {
         assert!(Instant::now() < deadline, "the tick never reached the application");
         thread::sleep(Duration::from_millis(5));
     }

@@ -87,10 +87,7 @@ pub(super) fn send(
     };
     let queue = if urgent { &target.urgent_tx } else { &target.app_tx };
     match queue.try_send(message) {
-        Ok(()) => {
-            target.counters.received.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        }
+        Ok(()) => Ok(()),
         Err(_) => {
             if let Ok(mut waiters) = target.mem_waiters.lock()
                 && !waiters.iter().any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(from)))

@@ -31,7 +31,7 @@ pub(super) struct ShardState {
     pub shared: Arc<Shared>,
     pub index: usize,
     pub encoder: Encoder,
-    endpoints: RefCell<HashMap<Arc<str>, Rc<Endpoint>>>,
+    endpoints: RefCell<super::NameMap<Rc<Endpoint>>>,
     next_path: Cell<u64>,
     /// Messages the application queue had no room for, in arrival order.
     /// Messages the application queue had no room for (and whether each is
@@ -43,7 +43,7 @@ pub(super) struct ShardState {
     pub shutdown: super::conn::Notify,
     /// Per peer: bumped when its dial loops must end (a new address list, or
     /// the peer is gone for good).
-    dial_epochs: RefCell<HashMap<Arc<str>, u64>>,
+    dial_epochs: RefCell<super::NameMap<u64>>,
     /// Peers given up on: messages still queued for them are reported as
     /// undelivered, until a new route dials them again.
     forgotten: RefCell<std::collections::HashSet<Arc<str>>>,
@@ -379,12 +379,12 @@ pub(super) fn install(
         encoder: Encoder::new(shared.config.frame.clone()),
         shared,
         index,
-        endpoints: RefCell::new(HashMap::new()),
+        endpoints: RefCell::new(super::name_map()),
         next_path: Cell::new(1),
         undelivered: [RefCell::new(VecDeque::new()), RefCell::new(VecDeque::new())],
         stopping: Cell::new(false),
         shutdown: super::conn::Notify::default(),
-        dial_epochs: RefCell::new(HashMap::new()),
+        dial_epochs: RefCell::new(super::name_map()),
         forgotten: RefCell::new(std::collections::HashSet::new()),
     });
     LOCAL.with(|l| *l.borrow_mut() = Some(state.clone()));
@@ -464,37 +464,12 @@ pub(super) fn forget(peer: Arc<str>, reason: String) {
     let Some(endpoint) = state.endpoints.borrow_mut().remove(&peer) else {
         return;
     };
-    let mut dropped: BTreeMap<StreamId, (u64, u64)> = BTreeMap::new();
-    {
-        let mut st = endpoint.state.borrow_mut();
-        for (stream_id, messages, bytes) in st.session.abandon() {
-            let entry = dropped.entry(stream_id).or_default();
-            entry.0 += messages;
-            entry.1 += bytes;
-        }
-        for (stream_id, held) in std::mem::take(&mut st.pending) {
-            let entry = dropped.entry(stream_id).or_default();
-            for (data, urgent) in held {
-                entry.0 += 1;
-                entry.1 += data.len() as u64;
-                release(&endpoint.queued[usize::from(urgent)], data.len());
-            }
-        }
-    }
+    abandon(&state, &endpoint, &reason);
     endpoint.close_all(crate::proto::CloseReasonData {
         code: crate::proto::AtbusCloseReason::Shutdown as i32,
-        message: reason.clone(),
+        message: reason,
     });
     endpoint.drive(&state);
-    for (stream_id, (messages, bytes)) in dropped {
-        state.shared.report_undelivered(super::Undelivered {
-            to: peer.clone(),
-            stream_id,
-            messages,
-            bytes,
-            reason: reason.clone(),
-        });
-    }
     state.shared.notify_writable();
 }
 
@@ -555,10 +530,11 @@ pub(super) fn drain_send_queue() {
     let mut touched: Vec<Rc<Endpoint>> = Vec::new();
     let mut freed = false;
     let mut dropped: BTreeMap<(Arc<str>, StreamId), (u64, u64)> = BTreeMap::new();
+    let any_forgotten = !state.forgotten.borrow().is_empty();
     while let Some(outgoing) = queue.pop() {
         freed = true;
         let len = outgoing.data.len();
-        if state.forgotten.borrow().contains(&outgoing.to) {
+        if any_forgotten && state.forgotten.borrow().contains(&outgoing.to) {
             let entry = dropped.entry((outgoing.to.clone(), outgoing.stream_id)).or_default();
             entry.0 += 1;
             // Its byte counter went with the dropped route.
@@ -650,12 +626,13 @@ pub(super) fn shutdown(linger: Duration, done: crossbeam_channel::Sender<()>) {
     };
     runtime::spawn(TaskClass::Throughput, async move {
         let deadline = Instant::now() + linger;
-        // Let queued data drain first.
+        // Let queued data drain first, also to peers still being dialled
+        // (what is left after `linger` is reported as undelivered).
         loop {
             let endpoints: Vec<Rc<Endpoint>> = state.endpoints.borrow().values().cloned().collect();
             let busy = endpoints.iter().any(|e| {
                 let st = e.state.borrow();
-                !st.paths.is_empty() && (!st.session.is_drained() || !st.pending.is_empty())
+                !st.session.is_drained() || !st.pending.is_empty()
             });
             if !busy || Instant::now() >= deadline {
                 break;
@@ -676,11 +653,47 @@ pub(super) fn shutdown(linger: Duration, done: crossbeam_channel::Sender<()>) {
         while endpoints.iter().any(|e| e.has_paths()) && Instant::now() < close_deadline {
             glommio::timer::sleep(Duration::from_millis(2)).await;
         }
+        // Whatever the peers did not acknowledge within the linger is lost:
+        // say so.
+        for endpoint in &endpoints {
+            abandon(&state, endpoint, "the node stopped before the peer acknowledged it");
+        }
         state.stopping.set(true);
         state.shutdown.notify();
         LOCAL.with(|l| *l.borrow_mut() = None);
         let _ = done.send(());
     });
+}
+
+/// Drops what `endpoint` still holds for its peer (not acknowledged, or not
+/// yet taken by the session) and reports it per stream as undelivered.
+fn abandon(state: &ShardState, endpoint: &Endpoint, reason: &str) {
+    let mut dropped: BTreeMap<StreamId, (u64, u64)> = BTreeMap::new();
+    {
+        let mut st = endpoint.state.borrow_mut();
+        for (stream_id, messages, bytes) in st.session.abandon() {
+            let entry = dropped.entry(stream_id).or_default();
+            entry.0 += messages;
+            entry.1 += bytes;
+        }
+        for (stream_id, held) in std::mem::take(&mut st.pending) {
+            let entry = dropped.entry(stream_id).or_default();
+            for (data, urgent) in held {
+                entry.0 += 1;
+                entry.1 += data.len() as u64;
+                release(&endpoint.queued[usize::from(urgent)], data.len());
+            }
+        }
+    }
+    for (stream_id, (messages, bytes)) in dropped {
+        state.shared.report_undelivered(super::Undelivered {
+            to: endpoint.peer.clone(),
+            stream_id,
+            messages,
+            bytes,
+            reason: reason.to_string(),
+        });
+    }
 }
 
 /// A ping frame carrying `now` (µs since `epoch`).

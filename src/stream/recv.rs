@@ -153,6 +153,13 @@ impl RecvStream {
     /// (as slices of `data`). Returns the number of new bytes.
     fn fill(&mut self, start: u64, data: &Bytes) -> usize {
         let end = start + data.len() as u64;
+        // In-order fast path: nothing is held above the contiguous prefix and
+        // this starts right at its end, so it overlaps nothing held.
+        if start == self.contiguous && start >= self.deliver_offset && self.above.is_empty() && !self.finished {
+            self.chunks.insert(start, data.clone());
+            self.contiguous = end;
+            return data.len();
+        }
         let mut cursor = start.max(self.deliver_offset);
         let mut added = 0;
         let mut gaps = Vec::new();
@@ -190,7 +197,7 @@ impl RecvStream {
         {
             self.contiguous = self.contiguous.max(first.end);
         }
-        if self.contiguous > 0 {
+        if self.contiguous > 0 && !self.above.is_empty() {
             self.above.remove(0..self.contiguous);
         }
         if self.fin == Some(self.contiguous) && !self.finished {
@@ -212,7 +219,10 @@ impl RecvStream {
             return None;
         }
         self.ends.pop_first();
-        let mut parts = Vec::new();
+        let len = usize::try_from(end.saturating_sub(self.deliver_offset)).unwrap_or(0);
+        // One chunk (the common case) is returned as is; more are joined.
+        let mut single: Option<Bytes> = None;
+        let mut joined: Option<BytesMut> = None;
         while let Some(entry) = self.chunks.first_entry() {
             let start = *entry.key();
             if start >= end {
@@ -225,18 +235,21 @@ impl RecvStream {
                 let rest = data.split_off((end - start) as usize);
                 self.chunks.insert(end, rest);
             }
-            parts.push(data);
+            if let Some(joined) = joined.as_mut() {
+                joined.extend_from_slice(&data);
+            } else if let Some(first) = single.take() {
+                let mut both = BytesMut::with_capacity(len);
+                both.extend_from_slice(&first);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            } else {
+                single = Some(data);
+            }
         }
         self.deliver_offset = end;
-        match parts.len() {
-            1 => parts.pop(),
-            _ => {
-                let mut joined = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
-                for part in parts {
-                    joined.extend_from_slice(&part);
-                }
-                Some(joined.freeze())
-            }
+        match joined {
+            Some(joined) => Some(joined.freeze()),
+            None => Some(single.unwrap_or_default()),
         }
     }
 }
