@@ -1,0 +1,178 @@
+//! The `atbus` binary: the demo runs and exits cleanly, two processes
+//! exchange messages by name through a discovery file (`recv` / `send`,
+//! `node` / `ping`), and bad input gives one clear line and a non-zero exit.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const ATBUS: &str = env!("CARGO_BIN_EXE_atbus");
+
+fn scratch(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("atbus-cli-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Writes a discovery file naming `receiver` at `port`, and configs for a
+/// receiver and a sender that read it.
+fn configs(dir: &std::path::Path, receiver: &str, sender: &str, port: u16) -> (std::path::PathBuf, std::path::PathBuf) {
+    std::fs::write(
+        dir.join("discovery.yaml"),
+        format!(
+            "{receiver}:\n  discovery:\n    name: {receiver}\n    gateway:\n      - priority: 0\n        address: tcp://127.0.0.1:{port}\n"
+        ),
+    )
+    .expect("discovery file");
+    let receiver_config = dir.join("receiver.yaml");
+    std::fs::write(
+        &receiver_config,
+        format!("name: {receiver}\nlisten: tcp://127.0.0.1:{port}\nfirst_core: 1\ndiscovery: {{ type: file, path: discovery.yaml }}\n"),
+    )
+    .expect("receiver config");
+    let sender_config = dir.join("sender.yaml");
+    std::fs::write(
+        &sender_config,
+        format!("name: {sender}\nlisten: tcp://127.0.0.1:0\ndiscovery: {{ type: file, path: discovery.yaml }}\n"),
+    )
+    .expect("sender config");
+    (receiver_config, sender_config)
+}
+
+/// Waits for the `# node ... listening` line on stderr.
+fn wait_listening(child: &mut std::process::Child) {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("listening on") => break,
+            Some(Ok(_)) => {}
+            other => panic!("the node did not start: {other:?}"),
+        }
+    }
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+}
+
+#[test]
+fn demo_runs_and_exits_cleanly() {
+    let out = Command::new(ATBUS)
+        .args(["demo", "--seconds", "3", "--rate", "5000"])
+        .output()
+        .expect("atbus runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for route in ["alpha → delta [mem ]", "delta → beta  [unix]", " beta → gamma [tcp ]"] {
+        assert!(stdout.contains(route), "route {route:?} missing:\n{stdout}");
+    }
+    assert!(stdout.contains("0 bad frames"), "{stdout}");
+}
+
+#[test]
+fn send_and_recv_in_two_processes() {
+    let dir = scratch("sendrecv");
+    let (receiver_config, sender_config) = configs(&dir, "cli-recv", "cli-send", free_port());
+    let mut receiver = Command::new(ATBUS)
+        .args(["recv", "--count", "2000", "--config"])
+        .arg(&receiver_config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("recv starts");
+    wait_listening(&mut receiver);
+    let sent = Command::new(ATBUS)
+        .args([
+            "send", "--to", "cli-recv", "--stream", "3", "--count", "2000", "--size", "100", "--config",
+        ])
+        .arg(&sender_config)
+        .output()
+        .expect("send runs");
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let out = receiver.wait_with_output().expect("recv exits");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("2000 messages received"), "{stdout}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn ping_a_node_in_another_process() {
+    let dir = scratch("ping");
+    let (node_config, pinger_config) = configs(&dir, "cli-echo", "cli-pinger", free_port());
+    let mut node = Command::new(ATBUS)
+        .args(["node", "--config"])
+        .arg(&node_config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node starts");
+    wait_listening(&mut node);
+    let out = Command::new(ATBUS)
+        .args([
+            "ping",
+            "--to",
+            "cli-echo",
+            "--count",
+            "5",
+            "--interval-ms",
+            "10",
+            "--config",
+        ])
+        .arg(&pinger_config)
+        .output()
+        .expect("ping runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let _ = node.kill();
+    let _ = node.wait();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("5 replies, 0 lost"), "{stdout}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_a_failure() {
+    let dir = scratch("bad");
+    let config = dir.join("bad.yaml");
+    std::fs::write(&config, "name: Bad_Name\nlisten: tcp://127.0.0.1:0\n").expect("write");
+    let out = Command::new(ATBUS)
+        .args(["send", "--to", "x", "--config"])
+        .arg(&config)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("atbus: node config: name:"), "{stderr}");
+
+    let (_, sender_config) = configs(&dir, "cli-nobody-home", "cli-lonely", free_port());
+    let out = Command::new(ATBUS)
+        .args(["send", "--to", "no-such-node", "--config"])
+        .arg(&sender_config)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("unknown peer \"no-such-node\""), "{stderr}");
+
+    let out = Command::new(ATBUS)
+        .args(["bench", "--transport", "carrier-pigeon"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    std::thread::sleep(Duration::from_millis(10));
+    let _ = std::fs::remove_dir_all(dir);
+}
