@@ -295,3 +295,96 @@ fn messages_left_at_stop_are_reported() {
     );
     assert!(report.reason.contains("stopped"), "{}", report.reason);
 }
+
+/// A route added by hand to a peer that never answers: after
+/// `peer_give_up`, what was sent to it is reported, and the node keeps
+/// dialling (a later peer on that address gets later messages).
+#[test]
+fn an_unreachable_peer_is_given_up_on() {
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let mut config = NodeConfig::new("giveup-sender", &["tcp://127.0.0.1:0"]).expect("config");
+    config.discovery = DiscoverySource(discovery.clone());
+    config.peer_give_up = Duration::from_millis(300);
+    let node = Node::start(config).expect("starts");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let address: Address = format!("tcp://127.0.0.1:{port}").parse().expect("address");
+    node.add_route("giveup-peer", address.clone()).expect("route");
+    for _ in 0..3 {
+        node.send("giveup-peer", 2, Bytes::from_static(b"hello"))
+            .expect("accepted");
+    }
+    let report = node
+        .recv_undelivered(Duration::from_secs(10))
+        .expect("a report after peer_give_up");
+    assert_eq!(
+        (&*report.to, report.stream_id, report.messages, report.bytes),
+        ("giveup-peer", 2, 3, 15)
+    );
+    assert!(report.reason.contains("no connection"), "{}", report.reason);
+
+    // The route stays: a peer that comes up there later gets new messages.
+    let mut late = NodeConfig::new("giveup-peer", &[address.to_string().as_str()]).expect("config");
+    late.discovery = DiscoverySource(discovery);
+    let late = Node::start(late).expect("late peer starts");
+    node.send("giveup-peer", 2, Bytes::from_static(b"later"))
+        .expect("accepted");
+    let message = late
+        .recv_timeout(Duration::from_secs(10))
+        .expect("delivered once the peer is up");
+    assert_eq!(&message.data[..], b"later");
+    assert!(
+        late.recv_timeout(Duration::from_millis(200)).is_none(),
+        "the dropped ones stay dropped"
+    );
+}
+
+/// A record that lapses and comes back (an etcd lease that expired while
+/// the process lived on): the sender drops the route, then reaches the same
+/// peer again, and new messages arrive — the stream goes on where it was
+/// rather than starting over at offsets the peer already had.
+#[test]
+fn a_record_that_comes_back_is_reached_again() {
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let sender = start("back-sender", &["tcp://127.0.0.1:0"], &discovery, None);
+    let receiver = start(
+        "back-receiver",
+        &["tcp://127.0.0.1:0"],
+        &discovery,
+        Some(Host {
+            hostname: "elsewhere.example".into(),
+            pid: 9,
+        }),
+    );
+    let record = receiver.record().cloned().expect("published record");
+    let send_and_check = |range: std::ops::Range<u64>| {
+        for seq in range.clone() {
+            sender
+                .send_blocking(
+                    "back-receiver",
+                    5,
+                    Bytes::from(seq.to_le_bytes().to_vec()),
+                    Duration::from_secs(10),
+                )
+                .unwrap_or_else(|e| panic!("send {seq}: {e}"));
+        }
+        for seq in range {
+            let message = receiver
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("message {seq} never arrived"));
+            assert_eq!(message.data.as_ref(), seq.to_le_bytes());
+        }
+    };
+    send_and_check(0..100);
+    discovery.withdraw("back-receiver").expect("withdrawn");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sender.route_to("back-receiver").is_some() {
+        assert!(Instant::now() < deadline, "the route was never dropped");
+        thread::sleep(Duration::from_millis(5));
+    }
+    discovery.publish(Record::Node(record)).expect("published again");
+    send_and_check(100..200);
+    assert!(receiver.recv_timeout(Duration::from_millis(200)).is_none());
+}

@@ -7,7 +7,7 @@
 //! discovery: { type: file, path: /etc/atbus/discovery.yaml }
 //! metadata: { namespace_name: game, labels: { zone: eu } }
 //! limits: { recv_queue: 8192, send_window: 4194304 }
-//! timeouts_ms: { connect: 2000, idle: 5000 }
+//! timeouts_ms: { connect: 2000, idle: 5000, give_up: 30000 }
 //! ```
 //!
 //! Every key is optional but `name`; unknown keys are errors (a typo never
@@ -111,6 +111,7 @@ pub struct TimeoutsFile {
     pub reconnect_max: Option<u64>,
     pub ping_interval: Option<u64>,
     pub idle: Option<u64>,
+    pub give_up: Option<u64>,
 }
 
 fn set<T>(target: &mut T, value: Option<T>) {
@@ -182,6 +183,7 @@ impl NodeFile {
         millis(&mut config.reconnect_max, t.reconnect_max);
         millis(&mut config.ping_interval, t.ping_interval);
         millis(&mut config.idle_timeout, t.idle);
+        millis(&mut config.peer_give_up, t.give_up);
         config.validate()?;
         config.discovery = open_discovery(self.discovery, base)?;
         Ok(config)

@@ -93,6 +93,10 @@ pub struct NodeConfig {
     pub send_buffer: usize,
     /// Messages queued per shard from other threads at most.
     pub send_queue: usize,
+    /// A peer with no connection for this long has what it was sent and did
+    /// not acknowledge dropped and reported ([`Node::recv_undelivered`]);
+    /// the node keeps dialling routes given by [`Node::add_route`].
+    pub peer_give_up: Duration,
     /// Where the node publishes its record and looks peers up (default: the
     /// process's embedded in-memory registry, [`crate::discovery::embedded`]).
     pub discovery: DiscoverySource,
@@ -164,6 +168,7 @@ impl Default for NodeConfig {
             recv_queue: 8192,
             send_buffer: 4 * 1024 * 1024,
             send_queue: 1 << 16,
+            peer_give_up: Duration::from_secs(30),
             discovery: DiscoverySource::default(),
             metadata: Metadata::default(),
             host: None,
@@ -204,8 +209,9 @@ impl NodeConfig {
             field: "frame",
             reason: e.to_string(),
         })?;
-        let checks: [(&'static str, bool); 7] = [
+        let checks: [(&'static str, bool); 8] = [
             ("connect_timeout", !self.connect_timeout.is_zero()),
+            ("peer_give_up", !self.peer_give_up.is_zero()),
             (
                 "reconnect_min",
                 !self.reconnect_min.is_zero() && self.reconnect_min <= self.reconnect_max,
@@ -630,11 +636,11 @@ impl Shared {
         if let Route::Shard {
             home,
             learned: Some(addresses),
-            ..
+            queued,
         } = &route
         {
-            let (peer, addresses) = (name.clone(), addresses.to_vec());
-            self.shards[*home].submit(move || shard::dial(peer, addresses, false));
+            let (peer, addresses, queued) = (name.clone(), addresses.to_vec(), queued.clone());
+            self.shards[*home].submit(move || shard::dial(peer, addresses, false, Some(queued)));
         }
         tracing::debug!(node = %self.name, peer, "route from discovery: {route:?}");
         peers.insert(name, route);
@@ -691,11 +697,11 @@ impl Shared {
                             peer.clone(),
                             Route::Shard {
                                 home,
-                                queued,
+                                queued: queued.clone(),
                                 learned: Some(addresses.clone().into()),
                             },
                         );
-                        self.shards[home].submit(move || shard::dial(peer, addresses, true));
+                        self.shards[home].submit(move || shard::dial(peer, addresses, true, Some(queued)));
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -913,8 +919,8 @@ impl Node {
             return Ok(());
         }
         let home = self.shared.home_shard(&peer);
-        self.shared.shard_route(&peer);
-        self.shared.shards[home].submit(move || shard::dial(peer, vec![address], false));
+        let queued = self.shared.shard_route(&peer);
+        self.shared.shards[home].submit(move || shard::dial(peer, vec![address], false, Some(queued)));
         Ok(())
     }
 

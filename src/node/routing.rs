@@ -44,11 +44,17 @@ pub fn plan(target: &NodeRecord, viewer: &NodeRecord, relay: Option<&dyn RelaySt
     if same_process(target, viewer) {
         return Ok(Plan::Mem);
     }
-    let candidates: Vec<Address> = dial_candidates(target, viewer)
+    let mut candidates: Vec<Address> = Vec::new();
+    for address in dial_candidates(target, viewer)
         .into_iter()
         .filter_map(|a| a.parse::<Address>().ok())
         .filter(|a| !matches!(a, Address::Mem(_)))
-        .collect();
+    {
+        // An address in several gateways is dialled once, at its best rank.
+        if !candidates.contains(&address) {
+            candidates.push(address);
+        }
+    }
     let local = same_host(target, viewer);
     let (unix, network): (Vec<Address>, Vec<Address>) = candidates.into_iter().partition(Address::is_unix);
     if local && !unix.is_empty() {

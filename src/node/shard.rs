@@ -69,12 +69,14 @@ impl ShardState {
                 paths: HashMap::new(),
                 pending: BTreeMap::new(),
                 urgent: Vec::new(),
+                unreachable_since: Some(Instant::now()),
             }),
-            queued: self.shared.shard_route(peer),
+            queued: RefCell::new(self.shared.shard_route(peer)),
             timer: super::conn::Notify::default(),
-            timer_running: Cell::new(false),
+            timer_running: Cell::new(true),
         });
         self.endpoints.borrow_mut().insert(peer.clone(), endpoint.clone());
+        runtime::spawn(TaskClass::Throughput, timer_task(self.clone(), endpoint.clone()));
         endpoint
     }
 
@@ -168,6 +170,8 @@ pub(super) struct EndpointState {
     /// per stream (a full stream holds back only itself).
     pending: BTreeMap<StreamId, VecDeque<(Bytes, bool)>>,
     urgent: Vec<StreamId>,
+    /// Since when the peer has had no connection (`None`: connected).
+    unreachable_since: Option<Instant>,
 }
 
 /// One remote node.
@@ -175,7 +179,8 @@ pub(super) struct Endpoint {
     pub peer: Arc<str>,
     pub state: RefCell<EndpointState>,
     /// Bytes sent to this peer from other threads, not yet in the session.
-    queued: super::Backlog,
+    /// The route's byte counter (replaced when the route is made again).
+    queued: RefCell<super::Backlog>,
     timer: super::conn::Notify,
     timer_running: Cell<bool>,
 }
@@ -198,6 +203,7 @@ impl Endpoint {
         st.incarnation = Some(incarnation);
         st.session.add_path(id, config);
         st.paths.insert(id, PathIo::new(datagram));
+        st.unreachable_since = None;
         drop(st);
         if !self.timer_running.replace(true) {
             runtime::spawn(TaskClass::Throughput, timer_task(shard.clone(), self.clone()));
@@ -211,6 +217,9 @@ impl Endpoint {
         if let Some(mut path) = st.paths.remove(&id) {
             path.dead = true;
             path.wake();
+        }
+        if st.paths.is_empty() && st.unreachable_since.is_none() {
+            st.unreachable_since = Some(Instant::now());
         }
     }
 
@@ -250,7 +259,7 @@ impl Endpoint {
                             break;
                         }
                         queue.pop_front();
-                        release(&self.queued[usize::from(urgent)], len);
+                        release(&self.queued.borrow()[usize::from(urgent)], len);
                         writable = true;
                     }
                     if queue.is_empty() {
@@ -353,13 +362,35 @@ impl Endpoint {
 }
 
 /// Runs the endpoint's session timers.
+/// Runs the endpoint's session timers, and gives up on what it holds for a
+/// peer that had no connection for [`super::NodeConfig::peer_give_up`]
+/// (reported as undelivered; dialling goes on). Ends with the shard, or
+/// when the endpoint is dropped (peer forgotten).
 async fn timer_task(shard: Rc<ShardState>, endpoint: Rc<Endpoint>) {
+    let give_up = shard.shared.config.peer_give_up;
     loop {
-        if shard.stopping.get() {
+        let current = shard
+            .endpoints
+            .borrow()
+            .get(&endpoint.peer)
+            .is_some_and(|e| Rc::ptr_eq(e, &endpoint));
+        if shard.stopping.get() || !current {
             break;
         }
+        let stale = {
+            let st = endpoint.state.borrow();
+            st.unreachable_since.is_some_and(|since| since.elapsed() >= give_up)
+                && (!st.session.is_drained() || !st.pending.is_empty())
+        };
+        if stale {
+            let reason = format!("no connection to {:?} for {give_up:?}", endpoint.peer);
+            abandon(&shard, &endpoint, &reason);
+            endpoint.state.borrow_mut().unreachable_since = Some(Instant::now());
+            shard.shared.notify_writable();
+        }
         let deadline = endpoint.state.borrow().session.poll_timeout();
-        let wait = deadline.map_or(Duration::from_secs(1), |d| d.saturating_duration_since(Instant::now()));
+        let idle = Duration::from_secs(1).min(give_up);
+        let wait = deadline.map_or(idle, |d| d.saturating_duration_since(Instant::now()).min(idle));
         if !wait.is_zero() {
             futures_lite::future::or(glommio::timer::sleep(wait), endpoint.timer.notified()).await;
         }
@@ -426,12 +457,20 @@ pub(super) fn install(
 /// and keeps redialling; with [`super::NodeConfig::latency_path`], a second
 /// connection for urgent streams. `replace`: the loops dialling it so far end
 /// (their connections stay until they drop).
-pub(super) fn dial(peer: Arc<str>, addresses: Vec<Address>, replace: bool) {
+///
+/// `backlog`: the byte counter of the route this dial serves; an endpoint
+/// kept from an earlier route of the same name takes it over.
+pub(super) fn dial(peer: Arc<str>, addresses: Vec<Address>, replace: bool, backlog: Option<super::Backlog>) {
     let Some(state) = local() else {
         return;
     };
     if addresses.is_empty() {
         return;
+    }
+    if let Some(backlog) = backlog
+        && let Some(endpoint) = state.endpoints.borrow().get(&peer)
+    {
+        *endpoint.queued.borrow_mut() = backlog;
     }
     state.forgotten.borrow_mut().remove(&peer);
     if replace {
@@ -461,7 +500,9 @@ pub(super) fn forget(peer: Arc<str>, reason: String) {
     };
     *state.dial_epochs.borrow_mut().entry(peer.clone()).or_default() += 1;
     state.forgotten.borrow_mut().insert(peer.clone());
-    let Some(endpoint) = state.endpoints.borrow_mut().remove(&peer) else {
+    // The endpoint stays (its stream offsets go on), so that reaching the
+    // same peer again later cannot mix old and new data.
+    let Some(endpoint) = state.endpoints.borrow().get(&peer).cloned() else {
         return;
     };
     abandon(&state, &endpoint, &reason);
@@ -544,7 +585,7 @@ pub(super) fn drain_send_queue() {
         let endpoint = state.endpoint(&outgoing.to);
         match endpoint.send(outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
             Ok(()) => {
-                release(&endpoint.queued[usize::from(outgoing.urgent)], len);
+                release(&endpoint.queued.borrow()[usize::from(outgoing.urgent)], len);
             }
             Err(crate::stream::SendError::WouldBlock { .. }) => {
                 // Accepted already: held until the window opens (still
@@ -558,7 +599,7 @@ pub(super) fn drain_send_queue() {
                     .push_back((outgoing.data, outgoing.urgent));
             }
             Err(e) => {
-                release(&endpoint.queued[usize::from(outgoing.urgent)], len);
+                release(&endpoint.queued.borrow()[usize::from(outgoing.urgent)], len);
                 tracing::warn!(peer = %outgoing.to, "message refused by the stream layer: {e}");
             }
         }
@@ -681,7 +722,7 @@ fn abandon(state: &ShardState, endpoint: &Endpoint, reason: &str) {
             for (data, urgent) in held {
                 entry.0 += 1;
                 entry.1 += data.len() as u64;
-                release(&endpoint.queued[usize::from(urgent)], data.len());
+                release(&endpoint.queued.borrow()[usize::from(urgent)], data.len());
             }
         }
     }

@@ -70,10 +70,20 @@ impl SendStream {
             .map_or(0, |(offset, _)| self.write_offset - offset)
     }
 
-    /// Messages not fully acknowledged, and their bytes.
-    pub(crate) fn unacknowledged_messages(&self) -> (u64, u64) {
+    /// Drops every message not fully acknowledged; returns how many and
+    /// their bytes. Offsets are kept: the next message starts after the
+    /// dropped ones and carries RESET_OFFSET, so a receiver that still has
+    /// this stream skips the gap instead of taking new data for old.
+    pub(crate) fn abandon(&mut self) -> (u64, u64) {
         let bytes = self.messages.iter().map(|(_, m)| m.len() as u64).sum();
-        (self.messages.len() as u64, bytes)
+        let count = self.messages.len() as u64;
+        self.messages.clear();
+        self.unsent = RangeSet::new();
+        self.sacked = RangeSet::new();
+        self.acked = self.end();
+        self.blocked = false;
+        self.reset_pending = true;
+        (count, bytes)
     }
 
     pub(crate) fn push(&mut self, data: Bytes, max_message_len: usize) -> Result<(), SendError> {

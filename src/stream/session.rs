@@ -270,19 +270,20 @@ impl Session {
         self.send.get(&stream_id).map_or(0, SendStream::retained)
     }
 
-    /// Gives up on the peer: every send stream is dropped, and for each one
-    /// with messages not fully acknowledged, returns (stream, messages,
-    /// bytes). Receive state stays (what arrived was delivered).
+    /// Gives up on the peer's unacknowledged data: for each send stream with
+    /// messages not fully acknowledged, drops them and returns (stream,
+    /// messages, bytes). Offsets go on (see `SendStream::abandon`), so the
+    /// same peer can be reached again later without confusing old and new
+    /// data. Receive state stays (what arrived was delivered).
     pub fn abandon(&mut self) -> Vec<(StreamId, u64, u64)> {
         let dropped = self
             .send
-            .iter()
+            .iter_mut()
             .filter_map(|(id, stream)| {
-                let (messages, bytes) = stream.unacknowledged_messages();
+                let (messages, bytes) = stream.abandon();
                 (messages > 0).then_some((*id, messages, bytes))
             })
             .collect();
-        self.send.clear();
         self.queued.clear();
         for path in self.paths.values_mut() {
             path.in_flight.clear();
