@@ -103,6 +103,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A bug (or an exhausted machine: no socket, no thread) ends the run
+    // with one line and exit code 1, like any other failure; set
+    // RUST_BACKTRACE to see the backtrace instead.
+    if std::env::var_os("RUST_BACKTRACE").is_none() {
+        std::panic::set_hook(Box::new(|info| {
+            eprintln!("atbus: internal error: {info}");
+            std::process::exit(1);
+        }));
+    }
     let log_level = std::env::var("ATBUS_LOG").unwrap_or_else(|_| "warn".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(log_level))
