@@ -479,6 +479,9 @@ struct Outgoing {
     urgent: bool,
 }
 
+/// A name with no route: the message comes back to the caller.
+struct Unrouted(Bytes);
+
 /// "Some queue or window freed space": a generation counter that shards bump
 /// on every drain (lock-free), and a condvar only for threads that wait.
 #[derive(Debug, Default)]
@@ -942,6 +945,19 @@ impl Node {
     }
 
     fn send_with(&self, peer: &str, stream_id: StreamId, data: Bytes, urgent: bool) -> Result<(), SendError> {
+        self.send_to(peer, stream_id, data, urgent, true)
+    }
+
+    /// Sends to a node, or (with `groups`) to a group's members. A name with
+    /// no route yet is looked up in discovery once.
+    fn send_to(
+        &self,
+        peer: &str,
+        stream_id: StreamId,
+        data: Bytes,
+        urgent: bool,
+        groups: bool,
+    ) -> Result<(), SendError> {
         if self.shared.stopping.load(Ordering::Acquire) {
             return Err(SendError::Stopped);
         }
@@ -951,24 +967,40 @@ impl Node {
                 stream_id,
             });
         }
-        let Ok(mut peers) = self.shared.peers.read() else {
-            return Err(SendError::Stopped);
-        };
-        if !peers.contains_key(peer) {
-            // First send to this name: look it up in discovery.
-            drop(peers);
-            self.shared.resolve(peer)?;
-            peers = self.shared.peers.read().map_err(|_| SendError::Stopped)?;
+        match self.send_routed(peer, stream_id, data, urgent, groups) {
+            Err(Unrouted(data)) => {
+                // First send to this name.
+                self.shared.resolve(peer)?;
+                self.send_routed(peer, stream_id, data, urgent, groups)
+                    .unwrap_or_else(|_| Err(SendError::UnknownPeer(peer.to_string())))
+            }
+            Ok(result) => result,
         }
-        let Some((to, route)) = peers.get_key_value(peer) else {
-            return Err(SendError::UnknownPeer(peer.to_string()));
+    }
+
+    /// Sends along the route `peer` has, with one map lookup; `Unrouted`
+    /// gives the message back when there is none.
+    fn send_routed(
+        &self,
+        peer: &str,
+        stream_id: StreamId,
+        data: Bytes,
+        urgent: bool,
+        groups: bool,
+    ) -> Result<Result<(), SendError>, Unrouted> {
+        let Ok(peers) = self.shared.peers.read() else {
+            return Ok(Err(SendError::Stopped));
         };
-        match route {
+        let Some((to, route)) = peers.get_key_value(peer) else {
+            return Err(Unrouted(data));
+        };
+        Ok(match route {
             Route::Mem(target) => {
                 let target = target.clone();
                 drop(peers);
                 mem::send(&self.shared, &target, peer, stream_id, data, urgent)
             }
+            Route::Group(_) if !groups => Err(SendError::NoRoute(format!("{peer:?} is a group: groups do not nest"))),
             Route::Group(members) => {
                 let members = members.clone();
                 drop(peers);
@@ -978,9 +1010,11 @@ impl Node {
                 let home = *home;
                 // Checked here: once queued for the shard, a refusal could
                 // no longer reach the caller.
-                check_message(peer, stream_id, &data, self.shared.config.stream.max_message_len)?;
+                if let Err(e) = check_message(peer, stream_id, &data, self.shared.config.stream.max_message_len) {
+                    return Ok(Err(e));
+                }
                 if let Some(result) = shard::send_local(&self.shared, home, to, stream_id, &data, urgent) {
-                    return result;
+                    return Ok(result);
                 }
                 // Bounded per peer in bytes; one message always fits an empty
                 // buffer, whatever its size.
@@ -989,10 +1023,10 @@ impl Node {
                 let before = queued.fetch_add(len, Ordering::AcqRel);
                 if before > 0 && before + len > self.shared.config.send_buffer {
                     queued.fetch_sub(len, Ordering::AcqRel);
-                    return Err(SendError::WouldBlock {
+                    return Ok(Err(SendError::WouldBlock {
                         peer: peer.to_string(),
                         queue: "send_buffer",
-                    });
+                    }));
                 }
                 let outgoing = Outgoing {
                     to: to.clone(),
@@ -1003,10 +1037,10 @@ impl Node {
                 if let Err(outgoing) = self.shared.send_queues[home].push(outgoing) {
                     queued.fetch_sub(len, Ordering::AcqRel);
                     drop(outgoing);
-                    return Err(SendError::WouldBlock {
+                    return Ok(Err(SendError::WouldBlock {
                         peer: peer.to_string(),
                         queue: "send_queue",
-                    });
+                    }));
                 }
                 drop(peers);
                 if !self.shared.drain_scheduled[home].swap(true, Ordering::AcqRel) {
@@ -1014,7 +1048,7 @@ impl Node {
                 }
                 Ok(())
             }
-        }
+        })
     }
 
     /// One message to every member of a group, each once.
@@ -1029,16 +1063,7 @@ impl Node {
         let mut delivered = Vec::with_capacity(members.len());
         let mut failed = Vec::new();
         for member in members {
-            let result = if self
-                .shared
-                .discovery
-                .get(member)
-                .is_some_and(|r| matches!(r, Record::Group(_)))
-            {
-                Err(SendError::NoRoute(format!("{member:?} is a group: groups do not nest")))
-            } else {
-                self.send_with(member, stream_id, data.clone(), urgent)
-            };
+            let result = self.send_to(member, stream_id, data.clone(), urgent, false);
             match result {
                 Ok(()) => delivered.push(member.to_string()),
                 Err(e) => failed.push((member.to_string(), e)),
