@@ -47,6 +47,7 @@
 #![warn(missing_docs)]
 
 pub mod address;
+pub mod auth;
 pub mod discovery;
 pub mod frame;
 pub mod node;

@@ -8,6 +8,8 @@
 //! metadata: { namespace_name: game, labels: { zone: eu } }
 //! limits: { recv_queue: 8192, send_window: 4194304 }
 //! timeouts_ms: { connect: 2000, idle: 5000, give_up: 30000 }
+//! auth: { tokens: [s3cret-2026, s3cret-2025], clock_skew_s: 300, zero_rtt: true }
+//! anonymous_listen: [tcp://0.0.0.0:7100]  # also admits anonymous clients
 //! ```
 //!
 //! Every key is optional but `name`; unknown keys are errors (a typo never
@@ -56,6 +58,32 @@ pub struct NodeFile {
     pub max_bad_frames: Option<u32>,
     /// A second connection per route for urgent streams.
     pub latency_path: Option<bool>,
+    /// Tokens, resumption, anonymous dialling.
+    pub auth: AuthFile,
+    /// Listeners that also admit anonymous dialers.
+    #[serde(deserialize_with = "crate::discovery::one_or_many")]
+    pub anonymous_listen: Vec<String>,
+}
+
+/// `auth:` — see [`crate::auth::AuthConfig`].
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct AuthFile {
+    pub tokens: Vec<String>,
+    pub clock_skew_s: Option<u64>,
+    pub replay_cache: Option<usize>,
+    pub zero_rtt: Option<bool>,
+    pub ticket_lifetime_s: Option<u64>,
+    pub anonymous: Option<bool>,
+}
+
+impl std::fmt::Debug for AuthFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthFile")
+            .field("tokens", &format_args!("[{} redacted]", self.tokens.len()))
+            .finish_non_exhaustive()
+    }
 }
 
 /// `discovery:` — which backend.
@@ -184,6 +212,23 @@ impl NodeFile {
         millis(&mut config.ping_interval, t.ping_interval);
         millis(&mut config.idle_timeout, t.idle);
         millis(&mut config.peer_give_up, t.give_up);
+        let a = self.auth;
+        config.auth.tokens = a.tokens;
+        if let Some(s) = a.clock_skew_s {
+            config.auth.clock_skew = Duration::from_secs(s);
+        }
+        set(&mut config.auth.replay_cache, a.replay_cache);
+        set(&mut config.auth.zero_rtt, a.zero_rtt);
+        if let Some(s) = a.ticket_lifetime_s {
+            config.auth.ticket_lifetime = Duration::from_secs(s);
+        }
+        set(&mut config.auth.anonymous, a.anonymous);
+        config.anonymous_listen = self
+            .anonymous_listen
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<_, _>>()
+            .map_err(NodeError::Address)?;
         config.validate()?;
         config.discovery = open_discovery(self.discovery, base)?;
         Ok(config)
@@ -254,9 +299,15 @@ mod tests {
              metadata: { namespace_name: game, labels: { zone: eu } }\n\
              limits: { recv_queue: 100, send_window: 65536 }\n\
              timeouts_ms: { connect: 300, idle: 9000 }\n\
-             latency_path: false\n",
+             latency_path: false\n\
+             auth: { tokens: [t1, t2], clock_skew_s: 60, zero_rtt: false }\n\
+             anonymous_listen: tcp://127.0.0.1:0\n",
         )
         .expect("valid");
+        assert_eq!(config.auth.tokens, vec!["t1".to_string(), "t2".to_string()]);
+        assert_eq!(config.auth.clock_skew, Duration::from_secs(60));
+        assert!(!config.auth.zero_rtt);
+        assert_eq!(config.anonymous_listen.len(), 1);
         assert_eq!(config.name, "alpha");
         assert_eq!(config.listen.len(), 2);
         assert_eq!(config.runtime.shards, 2);
@@ -285,6 +336,9 @@ mod tests {
                 "/nonexistent/d.yaml",
             ),
             ("name: [a\n", "file"),
+            ("name: a\nauth: { tokens: [\"\"] }\n", "auth.tokens"),
+            ("name: a\nauth: { clock_skew_s: 0 }\n", "auth.clock_skew"),
+            ("name: a\nauth: { token: x }\n", "token"),
         ];
         for (text, expected) in cases {
             let err = NodeConfig::from_yaml(text).expect_err(text).to_string();

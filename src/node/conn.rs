@@ -28,10 +28,11 @@ use prost::Message as _;
 
 use super::shard::{self, Endpoint, ShardState};
 use crate::address::Address;
+use crate::auth::{self, AuthError, Pending};
 use crate::frame::{self, DecodeError, Decoder};
 use crate::proto::{
     AtbusCloseReason, AtbusPacketFlagType, AtbusPacketType, AtbusProtocolConst, Body, CloseReasonData, Fragment,
-    FrameMessage, HandshakeData, PacketContent, PacketData,
+    FrameMessage, HandshakeAuth, HandshakeData, PacketContent, PacketData,
 };
 use crate::runtime::{self, TaskClass};
 use crate::stream::{PathConfig, PathId};
@@ -85,6 +86,12 @@ enum End {
     Closed(CloseReasonData),
     /// The peer closed it with FINISH_CONNECTION.
     PeerClosed,
+    /// The peer refused our handshake with this reason.
+    Refused(CloseReasonData),
+    /// We sent 0-RTT data with a resumption ticket and the connection ended
+    /// before the peer accepted it: redial at once with a full handshake
+    /// (the data goes again on the next connection).
+    ResumptionFailed,
     /// The connection moved to the peer's home shard.
     HandedOff,
     /// The node is stopping.
@@ -99,9 +106,10 @@ fn reason(code: AtbusCloseReason, message: impl Into<String>) -> CloseReasonData
 }
 
 /// Accepts connections until the node stops.
-pub(super) async fn listen(state: Rc<ShardState>, listener: Listener, local: Address) {
+/// `anonymous`: the listener also admits anonymous dialers.
+pub(super) async fn listen(state: Rc<ShardState>, listener: Listener, local: Address, anonymous: bool) {
     if let Listener::Udp(socket) = listener {
-        return listen_udp(state, socket, local).await;
+        return listen_udp(state, socket, local, anonymous).await;
     }
     tracing::info!(node = %state.shared.name, shard = state.index, "listening on {local}");
     loop {
@@ -116,7 +124,7 @@ pub(super) async fn listen(state: Rc<ShardState>, listener: Listener, local: Add
                 let state = state.clone();
                 let origin = local.to_string();
                 runtime::spawn(TaskClass::Throughput, async move {
-                    run(state, connected, None, false, origin).await;
+                    run(state, connected, Dial::Accepted { anonymous }, origin).await;
                 });
             }
             Some(Err(e)) => {
@@ -131,7 +139,7 @@ pub(super) async fn listen(state: Rc<ShardState>, listener: Listener, local: Add
     }
 }
 
-async fn listen_udp(state: Rc<ShardState>, socket: Rc<glommio::net::UdpSocket>, local: Address) {
+async fn listen_udp(state: Rc<ShardState>, socket: Rc<glommio::net::UdpSocket>, local: Address, anonymous: bool) {
     tracing::info!(node = %state.shared.name, shard = state.index, "listening on {local}");
     let demux = Rc::new(UdpDemux::new(socket, 4096));
     let mut buf = vec![0u8; 65_536];
@@ -148,7 +156,13 @@ async fn listen_udp(state: Rc<ShardState>, socket: Rc<glommio::net::UdpSocket>, 
                 let demux = demux.clone();
                 let peer = link.peer_addr();
                 runtime::spawn(TaskClass::Throughput, async move {
-                    run_link(state, Rc::new(link), None, false, format!("udp://{peer}")).await;
+                    run_link(
+                        state,
+                        Rc::new(link),
+                        Dial::Accepted { anonymous },
+                        format!("udp://{peer}"),
+                    )
+                    .await;
                     demux.forget(peer);
                 });
             }
@@ -176,6 +190,7 @@ pub(super) async fn dial_loop(
     let mut backoff = config.reconnect_min;
     let mut failures = 0u32;
     let mut next = 0usize;
+    let mut resumption_failed = false;
     loop {
         if shard::is_stopping(&state) || state.dial_epoch(&peer) != epoch {
             break;
@@ -195,17 +210,24 @@ pub(super) async fn dial_loop(
             Some(Ok(_)) if state.dial_epoch(&peer) != epoch => break,
             Some(Ok(connected)) => {
                 failures = 0;
-                let end = run(
-                    state.clone(),
-                    connected,
-                    Some(peer.clone()),
+                let dial = Dial::Out {
+                    peer: peer.clone(),
                     latency,
-                    address.to_string(),
-                )
-                .await;
+                    zero_rtt: !resumption_failed,
+                };
+                let end = run(state.clone(), connected, dial, address.to_string()).await;
                 if matches!(end, Some(End::Shutdown)) {
                     break;
                 }
+                if matches!(end, Some(End::ResumptionFailed)) && !resumption_failed {
+                    // Tickets of this peer are no good (it restarted or
+                    // rotated its keys): one full handshake right away.
+                    tracing::info!(peer = %peer, "0-RTT resumption refused; redialling with a full handshake");
+                    state.shared.auth.drop_tickets(&peer);
+                    resumption_failed = true;
+                    continue;
+                }
+                resumption_failed = false;
                 if started.elapsed() > config.reconnect_max {
                     backoff = config.reconnect_min;
                 }
@@ -227,34 +249,69 @@ pub(super) async fn dial_loop(
     }
 }
 
-async fn run(
-    state: Rc<ShardState>,
-    connected: Connected,
-    expected: Option<Arc<str>>,
-    latency: bool,
-    origin: String,
-) -> Option<End> {
+/// Which side of a connection this node is.
+#[derive(Clone, Debug)]
+enum Dial {
+    /// We dialled `peer`; `latency`: as the pair's latency path; `zero_rtt`:
+    /// a held resumption ticket may be used.
+    Out {
+        peer: Arc<str>,
+        latency: bool,
+        zero_rtt: bool,
+    },
+    /// A listener accepted it; `anonymous`: anonymous dialers are allowed.
+    Accepted { anonymous: bool },
+}
+
+/// What the handshake settled about the peer.
+#[derive(Debug)]
+pub(super) struct Peer {
+    /// The peer's handshake; `node_name` is the name it goes by here (the
+    /// one given to an anonymous dialer), `latency_path` what this path is.
+    pub hello: HandshakeData,
+    /// An anonymous dialer: it may talk to this node only.
+    pub anonymous: bool,
+    /// Accepting side of a datagram link: our reply, sent again when the
+    /// peer repeats its handshake (the first reply was lost).
+    pub reply: Option<FrameMessage>,
+    /// Dialling side that sent 0-RTT data: the reply is still to come.
+    pub awaiting: Option<Pending>,
+}
+
+async fn run(state: Rc<ShardState>, connected: Connected, dial: Dial, origin: String) -> Option<End> {
     match connected {
-        Connected::Tcp(link) => run_link(state, Rc::new(link), expected, latency, origin).await,
-        Connected::Unix(link) => run_link(state, Rc::new(link), expected, latency, origin).await,
-        Connected::Udp(link) => run_link(state, Rc::new(link), expected, latency, origin).await,
+        Connected::Tcp(link) => run_link(state, Rc::new(link), dial, origin).await,
+        Connected::Unix(link) => run_link(state, Rc::new(link), dial, origin).await,
+        Connected::Udp(link) => run_link(state, Rc::new(link), dial, origin).await,
     }
 }
 
-fn hello_frame(state: &ShardState, acknowledge: bool, latency_path: bool) -> FrameMessage {
+/// Our handshake. `auth`: credentials (dialling) or the answer to them
+/// (accepting). An anonymous dialer sends no name and no record; a record
+/// never carries the node's tokens.
+fn hello_frame(state: &ShardState, acknowledge: bool, latency_path: bool, auth: Option<HandshakeAuth>) -> FrameMessage {
+    let anonymous = auth.as_ref().is_some_and(|a| a.anonymous);
+    let record = match state.shared.record.get() {
+        Some(record) if !anonymous => {
+            let mut record = record.clone();
+            record.tokens.clear();
+            Bytes::from(record.encode_to_vec())
+        }
+        _ => Bytes::new(),
+    };
     let hello = HandshakeData {
         version: AtbusProtocolConst::Version as i32,
         minimal_version: crate::frame::MIN_PROTOCOL_VERSION as i32,
-        node_name: state.shared.name.to_string(),
+        node_name: if anonymous {
+            String::new()
+        } else {
+            state.shared.name.to_string()
+        },
         incarnation: state.shared.incarnation,
         acknowledge,
-        record: state
-            .shared
-            .record
-            .get()
-            .map(|r| Bytes::from(r.encode_to_vec()))
-            .unwrap_or_default(),
+        record,
         latency_path,
+        auth,
     };
     let content = PacketContent {
         fragment: vec![Fragment {
@@ -310,6 +367,24 @@ fn parse_hello(frame: &FrameMessage) -> Option<Result<HandshakeData, String>> {
         })
         .and_then(|f| HandshakeData::decode(f.data).map_err(|e| format!("undecodable handshake_data: {e}")));
     Some(parsed)
+}
+
+/// The reason in a FINISH_CONNECTION packet, if `frame` is one.
+fn parse_close(frame: &FrameMessage) -> Option<CloseReasonData> {
+    let Some(Body::Packet(packet)) = &frame.body else {
+        return None;
+    };
+    if packet.flags & AtbusPacketFlagType::FinishConnection as i32 == 0 {
+        return None;
+    }
+    let content = PacketContent::decode(packet.content.clone()).ok()?;
+    Some(
+        content
+            .fragment
+            .into_iter()
+            .find_map(|f| f.close_reason)
+            .unwrap_or_else(|| reason(AtbusCloseReason::Unknown, "no reason given")),
+    )
 }
 
 async fn write_frame<L: Link>(state: &ShardState, link: &L, frame: &FrameMessage) -> io::Result<()> {
@@ -402,23 +477,11 @@ impl FrameReader {
 }
 
 /// Runs one connection to its end.
-async fn run_link<L: Link>(
-    state: Rc<ShardState>,
-    link: Rc<L>,
-    expected: Option<Arc<str>>,
-    latency: bool,
-    origin: String,
-) -> Option<End> {
+async fn run_link<L: Link>(state: Rc<ShardState>, link: Rc<L>, dial: Dial, origin: String) -> Option<End> {
     let datagram = link.is_datagram();
     let mut reader = FrameReader::new(&state.shared.config.frame, datagram);
-    let hello = match handshake(&state, &*link, &mut reader, expected.as_deref(), latency, &origin).await {
-        // From here on `hello.latency_path` tells what this path is: the
-        // dialler's flag, which on the dialling side is our own.
-        Ok(hello) if expected.is_some() => HandshakeData {
-            latency_path: latency,
-            ..hello
-        },
-        Ok(hello) => hello,
+    let peer = match handshake(&state, &*link, &mut reader, &dial, &origin).await {
+        Ok(peer) => peer,
         Err(end) => {
             if !matches!(end, End::Shutdown) {
                 state.shared.counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
@@ -426,14 +489,14 @@ async fn run_link<L: Link>(
             return Some(end);
         }
     };
-    let home = state.shared.home_shard(&hello.node_name);
+    let home = state.shared.home_shard(&peer.hello.node_name);
     if home != state.index {
         // The peer lives on another shard: move the socket there, with the
         // bytes already read, before any stream data flows.
         return match link.handoff() {
             Ok(handoff) => {
                 let leftover = reader.decoder.buffer_mut().split().freeze();
-                state.shared.shards[home].submit(move || shard::adopt(handoff, hello, leftover, origin));
+                state.shared.shards[home].submit(move || shard::adopt(handoff, peer, leftover, origin));
                 Some(End::HandedOff)
             }
             Err(e) => {
@@ -443,18 +506,12 @@ async fn run_link<L: Link>(
             }
         };
     }
-    Some(established(state, link, reader, hello, origin).await)
+    Some(established(state, link, reader, peer, origin).await)
 }
 
 /// A connection on the peer's home shard, handshake done, with its reader
 /// holding whatever arrived after the handshake.
-pub(super) async fn adopted(
-    state: Rc<ShardState>,
-    connected: Connected,
-    hello: HandshakeData,
-    leftover: Bytes,
-    origin: String,
-) {
+pub(super) async fn adopted(state: Rc<ShardState>, connected: Connected, peer: Peer, leftover: Bytes, origin: String) {
     fn reader_for(state: &ShardState, datagram: bool, leftover: &[u8]) -> FrameReader {
         let mut reader = FrameReader::new(&state.shared.config.frame, datagram);
         reader.decoder.extend(leftover);
@@ -463,15 +520,15 @@ pub(super) async fn adopted(
     match connected {
         Connected::Tcp(link) => {
             let reader = reader_for(&state, false, &leftover);
-            established(state, Rc::new(link), reader, hello, origin).await
+            established(state, Rc::new(link), reader, peer, origin).await
         }
         Connected::Unix(link) => {
             let reader = reader_for(&state, false, &leftover);
-            established(state, Rc::new(link), reader, hello, origin).await
+            established(state, Rc::new(link), reader, peer, origin).await
         }
         Connected::Udp(link) => {
             let reader = reader_for(&state, true, &[]);
-            established(state, Rc::new(link), reader, hello, origin).await
+            established(state, Rc::new(link), reader, peer, origin).await
         }
     };
 }
@@ -482,27 +539,28 @@ async fn established<L: Link>(
     state: Rc<ShardState>,
     link: Rc<L>,
     reader: FrameReader,
-    hello: HandshakeData,
+    peer: Peer,
     origin: String,
 ) -> End {
-    let class = if hello.latency_path {
+    let class = if peer.hello.latency_path {
         TaskClass::Latency
     } else {
         TaskClass::Throughput
     };
-    runtime::run_in(class, serve(state, link, reader, hello, origin)).await
+    runtime::run_in(class, serve(state, link, reader, peer, origin)).await
 }
 
 async fn serve<L: Link>(
     state: Rc<ShardState>,
     link: Rc<L>,
     mut reader: FrameReader,
-    hello: HandshakeData,
+    mut peer: Peer,
     origin: String,
 ) -> End {
     let datagram = link.is_datagram();
-    let peer: Arc<str> = Arc::from(hello.node_name.as_str());
-    let endpoint = state.endpoint(&peer);
+    let hello = &peer.hello;
+    let name: Arc<str> = Arc::from(hello.node_name.as_str());
+    let endpoint = state.endpoint(&name);
     let path_id = state.next_path_id();
     let config = &state.shared.config;
     let path = if datagram {
@@ -521,7 +579,11 @@ async fn serve<L: Link>(
     };
     endpoint.add_path(&state, path_id, path, datagram, hello.incarnation);
     state.shared.counters.established.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(node = %state.shared.name, peer = %peer, path = path_id.0, "connected via {origin}");
+    if peer.awaiting.is_some() {
+        tracing::info!(node = %state.shared.name, peer = %name, path = path_id.0, "connected via {origin} (0-RTT)");
+    } else {
+        tracing::info!(node = %state.shared.name, peer = %name, path = path_id.0, "connected via {origin}");
+    }
     let dead = Rc::new(Notify::default());
     // The writer runs in the connection's class, like its reader (see
     // `established`): a latency path's flush never waits behind bulk work.
@@ -539,7 +601,13 @@ async fn serve<L: Link>(
     // Frames that came with the handshake.
     let mut frames = Vec::new();
     reader.decode_buffered(&mut frames);
-    let end = read_loop(&state, &*link, &mut reader, &endpoint, path_id, &dead, frames, &origin).await;
+    let ctx = PathContext {
+        endpoint: &endpoint,
+        path_id,
+        dead: &dead,
+        origin: &origin,
+    };
+    let end = read_loop(&state, &*link, &mut reader, &ctx, &mut peer, frames).await;
     match &end {
         End::Closed(reason) => {
             // Give the writer a moment to send the close packet.
@@ -557,10 +625,14 @@ async fn serve<L: Link>(
             if reason.code == AtbusCloseReason::BadFrame as i32 {
                 state.shared.counters.closed_bad_frame.fetch_add(1, Ordering::Relaxed);
             }
-            tracing::warn!(peer = %peer, "closed connection {origin}: {:?} {}", reason.code(), reason.message);
+            tracing::warn!(peer = %name, "closed connection {origin}: {:?} {}", reason.code(), reason.message);
         }
-        End::Io(e) => tracing::info!(peer = %peer, "connection {origin} ended: {e}"),
-        End::PeerClosed => tracing::info!(peer = %peer, "peer closed connection {origin}"),
+        End::Io(e) => tracing::info!(peer = %name, "connection {origin} ended: {e}"),
+        End::PeerClosed => tracing::info!(peer = %name, "peer closed connection {origin}"),
+        End::Refused(reason) => {
+            tracing::warn!(peer = %name, "connection {origin} refused: {:?} {}", reason.code(), reason.message);
+        }
+        End::ResumptionFailed => tracing::info!(peer = %name, "0-RTT connection {origin} ended before it was accepted"),
         End::Shutdown | End::HandedOff => {}
     }
     endpoint.remove_path(path_id);
@@ -570,26 +642,72 @@ async fn serve<L: Link>(
     end
 }
 
-/// Exchanges `handshake_data`; returns the peer's.
+/// Refuses a handshake: logged, counted, told to the peer, closed.
+async fn refuse<L: Link>(state: &ShardState, link: &L, origin: &str, code: AtbusCloseReason, message: String) -> End {
+    if code == AtbusCloseReason::Unauthorized {
+        state.shared.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::warn!(node = %state.shared.name, "handshake on {origin} refused: {message}");
+    let refusal = reason(code, message);
+    let _ = write_frame(state, link, &close_frame(refusal.clone())).await;
+    End::Closed(refusal)
+}
+
+/// Runs the handshake. The dialling side speaks first, with credentials;
+/// the accepting side answers once it has checked them. A dialer holding a
+/// resumption ticket returns right after its first flight (0-RTT: its data
+/// follows at once; the reply is checked by the read loop).
 async fn handshake<L: Link>(
     state: &ShardState,
     link: &L,
     reader: &mut FrameReader,
-    expected: Option<&str>,
-    latency: bool,
+    dial: &Dial,
     origin: &str,
-) -> Result<HandshakeData, End> {
+) -> Result<Peer, End> {
     let config = &state.shared.config;
     let deadline = Instant::now() + config.connect_timeout;
-    write_frame(state, link, &hello_frame(state, false, latency))
-        .await
-        .map_err(|e| End::Io(e.to_string()))?;
+    let datagram = link.is_datagram();
+    let mut ours = None;
+    if let Dial::Out {
+        peer,
+        latency,
+        zero_rtt,
+    } = dial
+    {
+        let (auth, pending) = state.shared.auth.dial(
+            &state.shared.name,
+            peer,
+            state.shared.incarnation,
+            *latency,
+            *zero_rtt && !datagram,
+            auth::now_micros(),
+        );
+        let hello = hello_frame(state, false, *latency, Some(auth));
+        write_frame(state, link, &hello)
+            .await
+            .map_err(|e| End::Io(e.to_string()))?;
+        if pending.is_zero_rtt() {
+            let incarnation = pending.acceptor_incarnation.unwrap_or_default();
+            return Ok(Peer {
+                hello: HandshakeData {
+                    node_name: peer.to_string(),
+                    incarnation,
+                    latency_path: *latency,
+                    ..HandshakeData::default()
+                },
+                anonymous: false,
+                reply: None,
+                awaiting: Some(pending),
+            });
+        }
+        ours = Some((hello, pending));
+    }
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(End::Io(format!("handshake on {origin} timed out")));
         }
-        let wait = if link.is_datagram() {
+        let wait = if datagram {
             left.min(Duration::from_millis(200))
         } else {
             left
@@ -607,8 +725,10 @@ async fn handshake<L: Link>(
             Some(Ok(0)) => return Err(End::Io(format!("{origin} closed during the handshake"))),
             Some(Ok(_)) => {}
             Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                if link.is_datagram() {
-                    let _ = write_frame(state, link, &hello_frame(state, false, latency)).await;
+                if let Some((hello, _)) = &ours
+                    && datagram
+                {
+                    let _ = write_frame(state, link, hello).await;
                 }
                 continue;
             }
@@ -622,43 +742,157 @@ async fn handshake<L: Link>(
                     AtbusCloseReason::UnsupportedVersion,
                     format!("protocol version {version} not supported ({min}..={max})"),
                 ),
-                Err(e) if e.is_fatal() || !link.is_datagram() => (
+                Err(e) if e.is_fatal() || !datagram => (
                     AtbusCloseReason::BadFrame,
                     format!("bad frame during the handshake: {e}"),
                 ),
                 // A damaged datagram: the peer resends its handshake.
                 Err(_) => continue,
-                Ok(frame) => match parse_hello(&frame) {
-                    // Stream data ahead of the handshake (a datagram race):
-                    // the stream layer resends it.
-                    None => continue,
-                    Some(Err(message)) => (AtbusCloseReason::BadFrame, message),
-                    Some(Ok(hello)) => match check_hello(state, &hello, expected) {
-                        Ok(()) => {
-                            if link.is_datagram() && !hello.acknowledge {
-                                let _ = write_frame(state, link, &hello_frame(state, true, latency)).await;
-                            }
-                            return Ok(hello);
-                        }
-                        Err(refusal) => refusal,
-                    },
-                },
+                Ok(frame) => {
+                    if let Some(refusal) = parse_close(&frame) {
+                        tracing::warn!(
+                            node = %state.shared.name,
+                            "peer refused the handshake on {origin}: {:?} {}",
+                            refusal.code(),
+                            refusal.message
+                        );
+                        return Err(End::Refused(refusal));
+                    }
+                    match parse_hello(&frame) {
+                        // Stream data ahead of the handshake (a datagram
+                        // race): the stream layer resends it.
+                        None => continue,
+                        Some(Err(message)) => (AtbusCloseReason::BadFrame, message),
+                        Some(Ok(hello)) => match &ours {
+                            Some((_, pending)) => match check_reply(state, hello, dial, pending) {
+                                Ok(peer) => return Ok(peer),
+                                Err(refusal) => refusal,
+                            },
+                            None => match admit(state, hello, dial) {
+                                Ok((peer, reply)) => {
+                                    write_frame(state, link, &reply)
+                                        .await
+                                        .map_err(|e| End::Io(e.to_string()))?;
+                                    return Ok(Peer {
+                                        reply: datagram.then_some(reply),
+                                        ..peer
+                                    });
+                                }
+                                Err(refusal) => refusal,
+                            },
+                        },
+                    }
+                }
             };
-            // Every refusal is logged and told to the peer before closing.
-            tracing::warn!(node = %state.shared.name, "handshake on {origin} refused: {message}");
-            let refusal = reason(code, message);
-            let _ = write_frame(state, link, &close_frame(refusal.clone())).await;
-            return Err(End::Closed(refusal));
+            return Err(refuse(state, link, origin, code, message).await);
         }
     }
 }
 
-/// Whether this node talks to the peer that sent `hello`.
-fn check_hello(
-    state: &ShardState,
-    hello: &HandshakeData,
-    expected: Option<&str>,
-) -> Result<(), (AtbusCloseReason, String)> {
+type Refusal = (AtbusCloseReason, String);
+
+/// Accepting side: checks the dialer's handshake and credentials; returns
+/// the peer and our reply.
+fn admit(state: &ShardState, mut hello: HandshakeData, dial: &Dial) -> Result<(Peer, FrameMessage), Refusal> {
+    let anonymous_allowed = matches!(dial, Dial::Accepted { anonymous: true });
+    let anonymous = hello.auth.as_ref().is_some_and(|a| a.anonymous);
+    check_version(&hello)?;
+    if anonymous {
+        if !hello.node_name.is_empty() || !hello.record.is_empty() {
+            return Err((
+                AtbusCloseReason::Unauthorized,
+                "an anonymous handshake carries a name".to_string(),
+            ));
+        }
+    } else {
+        check_name(state, &hello, None)?;
+    }
+    let me = &*state.shared.name;
+    let now = auth::now_micros();
+    let grant = state
+        .shared
+        .auth
+        .accept(
+            hello.auth.as_ref(),
+            &hello.node_name,
+            me,
+            hello.incarnation,
+            hello.latency_path,
+            anonymous_allowed,
+            now,
+        )
+        .map_err(|e| {
+            let who = if anonymous {
+                "anonymous peer".to_string()
+            } else {
+                format!("peer {:?}", hello.node_name)
+            };
+            (AtbusCloseReason::Unauthorized, format!("{who}: {e}"))
+        })?;
+    let dialer_auth = hello.auth.clone().unwrap_or_default();
+    let reply_auth = state.shared.auth.reply(
+        &grant,
+        &dialer_auth,
+        &hello.node_name,
+        me,
+        hello.incarnation,
+        state.shared.incarnation,
+        hello.latency_path,
+        now,
+    );
+    if let auth::Grant::Anonymous { name } = &grant {
+        hello.node_name = name.clone();
+        // Its own latency path would be another anonymous peer.
+        hello.latency_path = false;
+    }
+    let reply = hello_frame(state, true, hello.latency_path, Some(reply_auth));
+    Ok((
+        Peer {
+            hello,
+            anonymous,
+            reply: None,
+            awaiting: None,
+        },
+        reply,
+    ))
+}
+
+/// Dialling side: checks the acceptor's reply to our credentials.
+fn check_reply(state: &ShardState, hello: HandshakeData, dial: &Dial, pending: &Pending) -> Result<Peer, Refusal> {
+    let Dial::Out { peer, latency, .. } = dial else {
+        return Err((AtbusCloseReason::Unknown, "not the dialling side".to_string()));
+    };
+    check_version(&hello)?;
+    check_name(state, &hello, Some(peer))?;
+    state
+        .shared
+        .auth
+        .finish(
+            pending,
+            hello.auth.as_ref(),
+            peer,
+            hello.incarnation,
+            auth::now_micros(),
+        )
+        .map_err(|e| unauthorized_from(peer, e))?;
+    Ok(Peer {
+        hello: HandshakeData {
+            // From here on `latency_path` tells what this path is: the
+            // dialler's flag, i.e. our own.
+            latency_path: *latency,
+            ..hello
+        },
+        anonymous: false,
+        reply: None,
+        awaiting: None,
+    })
+}
+
+fn unauthorized_from(peer: &str, e: AuthError) -> Refusal {
+    (AtbusCloseReason::Unauthorized, format!("peer {peer:?}: {e}"))
+}
+
+fn check_version(hello: &HandshakeData) -> Result<(), Refusal> {
     let minimum = crate::frame::MIN_PROTOCOL_VERSION as i32;
     if hello.version < minimum {
         return Err((
@@ -669,6 +903,11 @@ fn check_hello(
             ),
         ));
     }
+    Ok(())
+}
+
+/// Whether the name (and record) in `hello` are acceptable.
+fn check_name(state: &ShardState, hello: &HandshakeData, expected: Option<&str>) -> Result<(), Refusal> {
     if let Err(e) = crate::discovery::validate::dns_subdomain(&hello.node_name) {
         return Err((
             AtbusCloseReason::Unauthorized,
@@ -700,17 +939,28 @@ fn check_hello(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One established connection, as the read loop sees it.
+struct PathContext<'a> {
+    endpoint: &'a Rc<Endpoint>,
+    path_id: PathId,
+    dead: &'a Notify,
+    origin: &'a str,
+}
+
 async fn read_loop<L: Link>(
     state: &Rc<ShardState>,
     link: &L,
     reader: &mut FrameReader,
-    endpoint: &Rc<Endpoint>,
-    path_id: PathId,
-    dead: &Notify,
+    ctx: &PathContext<'_>,
+    peer: &mut Peer,
     mut frames: Vec<Result<FrameMessage, DecodeError>>,
-    origin: &str,
 ) -> End {
+    let PathContext {
+        endpoint,
+        path_id,
+        dead,
+        origin,
+    } = *ctx;
     let config = &state.shared.config;
     let epoch = Instant::now();
     let mut last_rx = Instant::now();
@@ -721,13 +971,30 @@ async fn read_loop<L: Link>(
         let mut close = None;
         for frame in frames.drain(..) {
             match frame {
-                Ok(frame) => {
-                    if let Err(e) = handle_frame(state, link, endpoint, path_id, epoch, now, frame) {
+                Ok(frame) if peer.awaiting.is_some() => match resumption_reply(state, endpoint, peer, &frame) {
+                    Ok(()) => {}
+                    Err(None) => return End::ResumptionFailed,
+                    Err(Some(refusal)) => {
+                        state.shared.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                        close = Some(refusal);
+                        break;
+                    }
+                },
+                Ok(frame) => match handle_frame(state, endpoint, path_id, peer, epoch, now, frame) {
+                    Ok(()) => {}
+                    Err(Fault::Fatal(refusal)) => {
+                        if refusal.code == AtbusCloseReason::Unauthorized as i32 {
+                            state.shared.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                        close = Some(refusal);
+                        break;
+                    }
+                    Err(Fault::Bad(e)) => {
                         bad_frames += 1;
                         state.shared.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(peer = %endpoint.peer, "bad frame on {origin} ({bad_frames}/{}): {e}", config.max_bad_frames);
                     }
-                }
+                },
                 Err(e) => {
                     bad_frames += 1;
                     state.shared.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -738,6 +1005,10 @@ async fn read_loop<L: Link>(
                 }
             }
         }
+        // Whatever else came in the same read is not looked at.
+        if close.is_some() {
+            frames.clear();
+        }
         if close.is_none() && bad_frames > config.max_bad_frames {
             close = Some(reason(
                 AtbusCloseReason::BadFrame,
@@ -745,7 +1016,7 @@ async fn read_loop<L: Link>(
             ));
         }
         let path_closing = endpoint.state.borrow().paths.get(&path_id).is_some_and(|p| p.closing);
-        if path_closing {
+        if path_closing && close.is_none() {
             // FINISH_CONNECTION from the peer, or our own shutdown.
             endpoint.drive(state);
             return if shard::is_stopping(state) || state.shared.stopping.load(Ordering::Acquire) {
@@ -753,6 +1024,9 @@ async fn read_loop<L: Link>(
             } else {
                 End::PeerClosed
             };
+        }
+        if peer.awaiting.is_some() && last_rx.elapsed() > config.connect_timeout {
+            return End::ResumptionFailed;
         }
         if last_rx.elapsed() > config.idle_timeout {
             close = Some(reason(
@@ -792,27 +1066,117 @@ async fn read_loop<L: Link>(
             },
         )
         .await;
+        let awaiting = peer.awaiting.is_some();
         match read {
             None if state.shutdown.is_set() => return End::Shutdown,
+            None if awaiting => return End::ResumptionFailed,
             None => return End::Io("write failed".into()),
+            Some(Ok(0)) if awaiting => return End::ResumptionFailed,
             Some(Ok(0)) => return End::Io("closed by peer".into()),
             Some(Ok(_)) => last_rx = Instant::now(),
             Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {}
+            Some(Err(_)) if awaiting => return End::ResumptionFailed,
             Some(Err(e)) => return End::Io(e.to_string()),
         }
     }
 }
 
-/// Handles one frame on an established connection.
-fn handle_frame<L: Link>(
+/// A 0-RTT dialer's first frame back: the acceptor's reply (checked, then
+/// the connection goes on as usual), its refusal (`Err(None)`: redial with
+/// a full handshake), or anything else (`Err(Some)`: close).
+fn resumption_reply(
     state: &ShardState,
-    link: &L,
+    endpoint: &Endpoint,
+    peer: &mut Peer,
+    frame: &FrameMessage,
+) -> Result<(), Option<CloseReasonData>> {
+    if let Some(refusal) = parse_close(frame) {
+        tracing::warn!(
+            node = %state.shared.name,
+            peer = %endpoint.peer,
+            "0-RTT resumption refused: {:?} {}",
+            refusal.code(),
+            refusal.message
+        );
+        return Err(None);
+    }
+    let unauthorized = |message: String| Some(reason(AtbusCloseReason::Unauthorized, message));
+    let hello = match parse_hello(frame) {
+        Some(Ok(hello)) => hello,
+        Some(Err(message)) => return Err(unauthorized(message)),
+        None => return Err(unauthorized("data before the handshake reply".to_string())),
+    };
+    let Some(pending) = peer.awaiting.take() else {
+        return Ok(());
+    };
+    let checked = check_version(&hello)
+        .and_then(|()| check_name(state, &hello, Some(&endpoint.peer)))
+        .map_err(|(_, message)| message)
+        .and_then(|()| {
+            if hello.incarnation == peer.hello.incarnation {
+                Ok(())
+            } else {
+                Err(format!(
+                    "peer {:?} restarted since its ticket was issued",
+                    endpoint.peer
+                ))
+            }
+        })
+        .and_then(|()| {
+            state
+                .shared
+                .auth
+                .finish(
+                    &pending,
+                    hello.auth.as_ref(),
+                    &endpoint.peer,
+                    hello.incarnation,
+                    auth::now_micros(),
+                )
+                .map_err(|e| format!("peer {:?}: {e}", endpoint.peer))
+        });
+    checked.map_err(unauthorized)
+}
+
+/// What is wrong with a frame.
+enum Fault {
+    /// Counted against `max_bad_frames`.
+    Bad(String),
+    /// Closes the connection at once with this reason.
+    Fatal(CloseReasonData),
+}
+
+/// Handles one frame on an established connection.
+fn handle_frame(
+    state: &ShardState,
     endpoint: &Endpoint,
     path_id: PathId,
+    peer: &Peer,
     epoch: Instant,
     now: Instant,
     frame: FrameMessage,
-) -> Result<(), String> {
+) -> Result<(), Fault> {
+    if let Some(head) = &frame.head
+        && !head.destination.is_empty()
+        && head.destination != *state.shared.name
+    {
+        // This node does not forward (relays do).
+        let message = format!(
+            "frame for {:?} sent to {:?}, which does not forward",
+            head.destination, state.shared.name
+        );
+        return Err(if peer.anonymous {
+            Fault::Fatal(reason(
+                AtbusCloseReason::Unauthorized,
+                format!(
+                    "anonymous peer {:?} may talk to {:?} only: {message}",
+                    endpoint.peer, state.shared.name
+                ),
+            ))
+        } else {
+            Fault::Bad(message)
+        });
+    }
     match &frame.body {
         Some(Body::Ping(ping)) => {
             endpoint.push_control(
@@ -829,10 +1193,12 @@ fn handle_frame<L: Link>(
         _ => {}
     }
     if let Some(hello) = parse_hello(&frame) {
-        let hello = hello?;
-        if link.is_datagram() && !hello.acknowledge {
-            // Our reply was lost: answer again.
-            endpoint.push_control(path_id, hello_frame(state, true, false));
+        let hello = hello.map_err(Fault::Bad)?;
+        if !hello.acknowledge
+            && let Some(reply) = &peer.reply
+        {
+            // Our reply was lost (datagrams): answer again.
+            endpoint.push_control(path_id, reply.clone());
         }
         return Ok(());
     }
@@ -841,7 +1207,7 @@ fn handle_frame<L: Link>(
         .borrow_mut()
         .session
         .handle_frame(now, path_id, frame)
-        .map_err(|e| e.to_string())
+        .map_err(|e| Fault::Bad(e.to_string()))
 }
 
 /// Writes what the session puts in this path's buffer, batched: everything

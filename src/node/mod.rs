@@ -115,6 +115,13 @@ pub struct NodeConfig {
     /// Asked for a route when no gateway of a target fits (relays); none:
     /// such sends fail with ROUTER_NOT_FOUND.
     pub relay: Option<RelayHook>,
+    /// Tokens, 0-RTT resumption, anonymous dialling
+    /// ([`crate::auth::AuthConfig`]).
+    pub auth: crate::auth::AuthConfig,
+    /// Listeners that also admit anonymous dialers (see
+    /// [`crate::auth::AuthConfig::anonymous`]): each gets a temporary name
+    /// (`anon-…`) and may talk to this node only. Bound like `listen`.
+    pub anonymous_listen: Vec<Address>,
 }
 
 /// A discovery backend shared by nodes (see [`NodeConfig::discovery`]).
@@ -174,6 +181,8 @@ impl Default for NodeConfig {
             host: None,
             gateways: Vec::new(),
             relay: None,
+            auth: crate::auth::AuthConfig::default(),
+            anonymous_listen: Vec::new(),
         }
     }
 }
@@ -233,6 +242,21 @@ impl NodeConfig {
                 return Err(NodeError::Config {
                     field,
                     reason: "out of range (see NodeConfig docs)".into(),
+                });
+            }
+        }
+        let auth = &self.auth;
+        let auth_checks: [(&'static str, bool); 4] = [
+            ("auth.tokens", auth.tokens.iter().all(|t| !t.is_empty())),
+            ("auth.clock_skew", !auth.clock_skew.is_zero()),
+            ("auth.replay_cache", auth.replay_cache > 0),
+            ("auth.ticket_lifetime", !auth.ticket_lifetime.is_zero()),
+        ];
+        for (field, ok) in auth_checks {
+            if !ok {
+                return Err(NodeError::Config {
+                    field,
+                    reason: "empty or zero (see AuthConfig docs)".into(),
                 });
             }
         }
@@ -420,6 +444,9 @@ pub struct NodeStats {
     pub bad_frames: u64,
     /// Connections refused at the handshake.
     pub handshake_failures: u64,
+    /// Connections refused or closed for wrong, expired or replayed
+    /// credentials, or an anonymous peer overstepping (UNAUTHORIZED).
+    pub auth_failures: u64,
     /// Messages the application took (`recv_timeout` / `try_recv`).
     pub messages_received: u64,
     /// Messages waiting in the application queues now (both classes).
@@ -433,6 +460,7 @@ struct Counters {
     closed_bad_frame: AtomicU64,
     bad_frames: AtomicU64,
     handshake_failures: AtomicU64,
+    auth_failures: AtomicU64,
     received: AtomicU64,
 }
 
@@ -558,6 +586,8 @@ struct Shared {
     discovery: Arc<dyn Discovery>,
     /// This node's discovery record (set once the listeners are bound).
     record: std::sync::OnceLock<NodeRecord>,
+    /// Tokens, replay cache, ticket keys, tickets held.
+    auth: crate::auth::Authority,
     undelivered_tx: Sender<Undelivered>,
     undelivered_rx: Receiver<Undelivered>,
 }
@@ -815,6 +845,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             discovery: config.discovery.0.clone(),
             record: std::sync::OnceLock::new(),
+            auth: crate::auth::Authority::new(config.auth.clone()),
             undelivered_tx,
             undelivered_rx,
             config,
@@ -860,7 +891,11 @@ impl Node {
         let _ = shared.record.set(record.clone());
         // Subscribed before publishing: no change in between is missed.
         let changes = shared.discovery.subscribe();
-        if let Err(source) = shared.discovery.publish(Record::Node(record)) {
+        let published = NodeRecord {
+            tokens: shared.config.auth.tokens.clone(),
+            ..record
+        };
+        if let Err(source) = shared.discovery.publish(Record::Node(published)) {
             node.stop(Duration::ZERO);
             return Err(NodeError::Discovery {
                 name: shared.config.name.clone(),
@@ -891,9 +926,44 @@ impl Node {
         })
     }
 
-    /// This node's discovery record, as published.
+    /// This node's discovery record, as published but without its tokens
+    /// (they are published too, see [`crate::auth::AuthConfig::tokens`]).
     pub fn record(&self) -> Option<&NodeRecord> {
         self.shared.record.get()
+    }
+
+    /// Replaces the tokens this node accepts and signs with, and publishes
+    /// them in its record (rotation: add the new token on every node, then
+    /// remove the old one; both are valid in between). Connections already
+    /// up stay; resumption tickets stay valid until they expire.
+    pub fn set_tokens(&self, tokens: &[String]) -> Result<(), NodeError> {
+        if tokens.iter().any(String::is_empty) {
+            return Err(NodeError::Config {
+                field: "auth.tokens",
+                reason: "a token is empty".into(),
+            });
+        }
+        self.shared.auth.set_tokens(tokens);
+        if let Some(record) = self.shared.record.get() {
+            let published = NodeRecord {
+                tokens: tokens.to_vec(),
+                ..record.clone()
+            };
+            self.shared
+                .discovery
+                .publish(Record::Node(published))
+                .map_err(|source| NodeError::Discovery {
+                    name: self.shared.config.name.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The temporary name `peer` gave this node when it dialled it
+    /// anonymously ([`crate::auth::AuthConfig::anonymous`]).
+    pub fn assigned_name(&self, peer: &str) -> Option<String> {
+        self.shared.auth.assigned_name(peer)
     }
 
     /// The node's name.
@@ -1187,6 +1257,7 @@ impl Node {
             closed_bad_frame: c.closed_bad_frame.load(Ordering::Relaxed),
             bad_frames: c.bad_frames.load(Ordering::Relaxed),
             handshake_failures: c.handshake_failures.load(Ordering::Relaxed),
+            auth_failures: c.auth_failures.load(Ordering::Relaxed),
             messages_received: c.received.load(Ordering::Relaxed),
             queued: (self.shared.app_rx.len() + self.shared.urgent_rx.len()) as u64,
         }

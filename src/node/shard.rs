@@ -422,23 +422,26 @@ pub(super) fn install(
     // Shard 0 binds every listen address; the other shards bind the TCP
     // ones again (SO_REUSEPORT: the kernel spreads connections), on the
     // ports shard 0 got. Unix and UDP listeners stay on shard 0.
-    let addresses: Vec<Address> = match &tcp_ports {
-        None => state
-            .shared
-            .config
-            .listen
-            .iter()
-            .filter(|a| !matches!(a, Address::Mem(_)))
-            .cloned()
-            .collect(),
+    let config = &state.shared.config;
+    let entries: Vec<(Address, bool)> = config
+        .listen
+        .iter()
+        .map(|a| (a.clone(), false))
+        .chain(config.anonymous_listen.iter().map(|a| (a.clone(), true)))
+        .filter(|(a, _)| !matches!(a, Address::Mem(_)))
+        .collect();
+    let addresses: Vec<(Address, bool)> = match &tcp_ports {
+        None => entries,
+        // Same order as shard 0 bound them.
         Some(bound) => bound
             .iter()
-            .filter(|a| matches!(a, Address::Tcp { .. }))
-            .cloned()
+            .zip(entries.iter().map(|(_, anonymous)| *anonymous))
+            .filter(|(a, _)| matches!(a, Address::Tcp { .. }))
+            .map(|(a, anonymous)| (a.clone(), anonymous))
             .collect(),
     };
     let mut bound = Vec::new();
-    for address in addresses {
+    for (address, anonymous) in addresses {
         let listener = crate::transport::Listener::bind(&address).map_err(|e| NodeError::Listen {
             address: address.clone(),
             reason: e.to_string(),
@@ -447,7 +450,7 @@ pub(super) fn install(
         bound.push(local.clone());
         runtime::spawn(
             TaskClass::Throughput,
-            super::conn::listen(state.clone(), listener, local),
+            super::conn::listen(state.clone(), listener, local, anonymous),
         );
     }
     Ok(bound)
@@ -478,7 +481,8 @@ pub(super) fn dial(peer: Arc<str>, addresses: Vec<Address>, replace: bool, backl
     }
     let epoch = state.dial_epoch(&peer);
     let addresses: Rc<[Address]> = addresses.into();
-    if state.shared.config.latency_path {
+    // An anonymous dialer's second connection would be a second stranger.
+    if state.shared.config.latency_path && !state.shared.config.auth.anonymous {
         let (state, peer, addresses) = (state.clone(), peer.clone(), addresses.clone());
         runtime::spawn(
             TaskClass::Throughput,
@@ -515,18 +519,13 @@ pub(super) fn forget(peer: Arc<str>, reason: String) {
 }
 
 /// Takes over a connection another shard accepted for a peer homed here.
-pub(super) fn adopt(
-    handoff: crate::transport::Handoff,
-    hello: crate::proto::HandshakeData,
-    leftover: Bytes,
-    origin: String,
-) {
+pub(super) fn adopt(handoff: crate::transport::Handoff, peer: super::conn::Peer, leftover: Bytes, origin: String) {
     let Some(state) = local() else {
         return;
     };
     runtime::spawn(TaskClass::Throughput, async move {
         match handoff.adopt().await {
-            Ok(connected) => super::conn::adopted(state, connected, hello, leftover, origin).await,
+            Ok(connected) => super::conn::adopted(state, connected, peer, leftover, origin).await,
             Err(e) => tracing::warn!("cannot adopt connection {origin}: {e}"),
         }
     });
