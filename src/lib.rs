@@ -55,4 +55,5 @@ pub mod node;
 pub mod proto;
 pub mod runtime;
 pub mod stream;
+pub mod tls;
 pub mod transport;

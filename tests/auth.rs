@@ -443,7 +443,10 @@ fn a_refused_ticket_falls_back_to_a_full_handshake_and_loses_nothing() {
     let a = Node::start(a_config).expect("a");
     a.add_route("fallback-b", at.clone()).expect("route");
     a.send("fallback-b", 1, Bytes::from_static(b"one")).expect("send");
-    assert_eq!(drain(&b1, Duration::from_secs(2)), vec![("fallback-a".into(), "one".into())]);
+    assert_eq!(
+        drain(&b1, Duration::from_secs(2)),
+        vec![("fallback-a".into(), "one".into())]
+    );
 
     // B restarts on the same address while A holds a ticket from the old B.
     let closed = a.stats().connections_closed;
@@ -454,7 +457,10 @@ fn a_refused_ticket_falls_back_to_a_full_handshake_and_loses_nothing() {
     b2_config.listen = vec![at.clone()];
     let b2 = Node::start(b2_config).expect("b restarts");
     a.send("fallback-b", 1, Bytes::from_static(b"two")).expect("send");
-    assert_eq!(drain(&b2, Duration::from_secs(3)), vec![("fallback-a".into(), "two".into())]);
+    assert_eq!(
+        drain(&b2, Duration::from_secs(3)),
+        vec![("fallback-a".into(), "two".into())]
+    );
     let stats = b2.stats();
     assert_eq!(stats.auth_failures, 1, "the stale ticket was refused once: {stats:?}");
     a.stop(Duration::ZERO);
@@ -479,7 +485,8 @@ fn tokens_on_unix_and_udp_links() {
         for node in [&good, &bad] {
             node.add_route(&b_name, at.clone()).expect("route");
             node.send(&b_name, 1, Bytes::from_static(b"bulk")).expect("send");
-            node.send_urgent(&b_name, 2, Bytes::from_static(b"urgent")).expect("send");
+            node.send_urgent(&b_name, 2, Bytes::from_static(b"urgent"))
+                .expect("send");
         }
         let mut got = drain(&b, Duration::from_secs(3));
         got.sort();

@@ -24,6 +24,17 @@ fn free_port() -> u16 {
 /// Writes a discovery file naming `receiver` at `port`, and configs for a
 /// receiver and a sender that read it.
 fn configs(dir: &std::path::Path, receiver: &str, sender: &str, port: u16) -> (std::path::PathBuf, std::path::PathBuf) {
+    configs_with(dir, receiver, sender, port, |_| String::new())
+}
+
+/// As [`configs`], with `extra(name)` appended to each node's config.
+fn configs_with(
+    dir: &std::path::Path,
+    receiver: &str,
+    sender: &str,
+    port: u16,
+    extra: impl Fn(&str) -> String,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     std::fs::write(
         dir.join("discovery.yaml"),
         format!(
@@ -34,13 +45,19 @@ fn configs(dir: &std::path::Path, receiver: &str, sender: &str, port: u16) -> (s
     let receiver_config = dir.join("receiver.yaml");
     std::fs::write(
         &receiver_config,
-        format!("name: {receiver}\nlisten: tcp://127.0.0.1:{port}\nfirst_core: 1\ndiscovery: {{ type: file, path: discovery.yaml }}\n"),
+        format!(
+            "name: {receiver}\nlisten: tcp://127.0.0.1:{port}\nfirst_core: 1\ndiscovery: {{ type: file, path: discovery.yaml }}\n{}",
+            extra(receiver)
+        ),
     )
     .expect("receiver config");
     let sender_config = dir.join("sender.yaml");
     std::fs::write(
         &sender_config,
-        format!("name: {sender}\nlisten: tcp://127.0.0.1:0\ndiscovery: {{ type: file, path: discovery.yaml }}\n"),
+        format!(
+            "name: {sender}\nlisten: tcp://127.0.0.1:0\ndiscovery: {{ type: file, path: discovery.yaml }}\n{}",
+            extra(sender)
+        ),
     )
     .expect("sender config");
     (receiver_config, sender_config)
@@ -79,30 +96,58 @@ fn demo_runs_and_exits_cleanly() {
     assert!(stdout.contains("0 bad frames"), "{stdout}");
 }
 
-#[test]
-fn send_and_recv_in_two_processes() {
-    let dir = scratch("sendrecv");
-    let (receiver_config, sender_config) = configs(&dir, "cli-recv", "cli-send", free_port());
-    let mut receiver = Command::new(ATBUS)
-        .args(["recv", "--count", "2000", "--config"])
-        .arg(&receiver_config)
+/// `atbus recv --count N` with `receiver_config`, then `atbus send` of N
+/// messages to `receiver` with `sender_config`; both must succeed and the
+/// receiver count them all.
+fn send_and_recv(receiver_config: &std::path::Path, sender_config: &std::path::Path, receiver: &str, count: u32) {
+    let count = count.to_string();
+    let mut child = Command::new(ATBUS)
+        .args(["recv", "--count", &count, "--config"])
+        .arg(receiver_config)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("recv starts");
-    wait_listening(&mut receiver);
+    wait_listening(&mut child);
     let sent = Command::new(ATBUS)
         .args([
-            "send", "--to", "cli-recv", "--stream", "3", "--count", "2000", "--size", "100", "--config",
+            "send", "--to", receiver, "--stream", "3", "--count", &count, "--size", "100", "--config",
         ])
-        .arg(&sender_config)
+        .arg(sender_config)
         .output()
         .expect("send runs");
     assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
-    let out = receiver.wait_with_output().expect("recv exits");
+    let out = child.wait_with_output().expect("recv exits");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("2000 messages received"), "{stdout}");
+    assert!(stdout.contains(&format!("{count} messages received")), "{stdout}");
+}
+
+#[test]
+fn send_and_recv_in_two_processes() {
+    let dir = scratch("sendrecv");
+    let (receiver_config, sender_config) = configs(&dir, "cli-recv", "cli-send", free_port());
+    send_and_recv(&receiver_config, &sender_config, "cli-recv", 2000);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The same with tokens and every stream encrypted end to end, the
+/// certificates made by `atbus cert`, all configured in YAML.
+#[test]
+fn send_and_recv_with_tokens_and_e2e_from_yaml() {
+    let dir = scratch("secure");
+    let made = Command::new(ATBUS)
+        .args(["cert", "--name", "cli-sec-recv", "--name", "cli-sec-send", "--out"])
+        .arg(dir.join("certs"))
+        .output()
+        .expect("atbus cert runs");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (receiver_config, sender_config) = configs_with(&dir, "cli-sec-recv", "cli-sec-send", free_port(), |name| {
+        format!(
+            "auth: {{ tokens: [cli-s3cret] }}\ne2e: {{ cert: certs/{name}.pem, key: certs/{name}.key, ca: certs/ca.pem, streams: all }}\n"
+        )
+    });
+    send_and_recv(&receiver_config, &sender_config, "cli-sec-recv", 500);
     let _ = std::fs::remove_dir_all(dir);
 }
 

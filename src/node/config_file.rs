@@ -10,6 +10,7 @@
 //! timeouts_ms: { connect: 2000, idle: 5000, give_up: 30000 }
 //! auth: { tokens: [s3cret-2026, s3cret-2025], clock_skew_s: 300, zero_rtt: true }
 //! anonymous_listen: [tcp://0.0.0.0:7100]  # also admits anonymous clients
+//! e2e: { cert: alpha.pem, key: alpha.key, ca: ca.pem, streams: [1, 2] }  # or streams: all
 //! ```
 //!
 //! Every key is optional but `name`; unknown keys are errors (a typo never
@@ -63,6 +64,39 @@ pub struct NodeFile {
     /// Listeners that also admit anonymous dialers.
     #[serde(deserialize_with = "crate::discovery::one_or_many")]
     pub anonymous_listen: Vec<String>,
+    /// End-to-end stream encryption.
+    pub e2e: Option<E2eFile>,
+}
+
+/// `e2e:` — see [`crate::tls`]. Paths are relative to the config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct E2eFile {
+    /// The node's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA certificate(s) peers must be signed by (PEM).
+    pub ca: PathBuf,
+    /// `all`, or a list of stream ids.
+    #[serde(default)]
+    pub streams: E2eStreamsFile,
+}
+
+/// `e2e.streams:` — `all` or a list of stream ids.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum E2eStreamsFile {
+    /// `all`.
+    Word(String),
+    /// Stream ids.
+    List(Vec<i64>),
+}
+
+impl Default for E2eStreamsFile {
+    fn default() -> Self {
+        Self::Word("all".into())
+    }
 }
 
 /// `auth:` — see [`crate::auth::AuthConfig`].
@@ -229,6 +263,29 @@ impl NodeFile {
             .map(|a| a.parse())
             .collect::<Result<_, _>>()
             .map_err(NodeError::Address)?;
+        if let Some(e2e) = self.e2e {
+            let streams = match e2e.streams {
+                E2eStreamsFile::Word(w) if w == "all" => crate::tls::E2eStreams::All,
+                E2eStreamsFile::Word(other) => {
+                    return Err(NodeError::Config {
+                        field: "e2e.streams",
+                        reason: format!("{other:?}: expected `all` or a list of stream ids"),
+                    });
+                }
+                E2eStreamsFile::List(ids) => crate::tls::E2eStreams::Only(ids.into_iter().collect()),
+            };
+            let tls = crate::tls::TlsContext::from_files(
+                &base.join(&e2e.cert),
+                &base.join(&e2e.key),
+                &base.join(&e2e.ca),
+                streams,
+            )
+            .map_err(|e| NodeError::Config {
+                field: "e2e",
+                reason: e.to_string(),
+            })?;
+            config.e2e = Some(tls);
+        }
         config.validate()?;
         config.discovery = open_discovery(self.discovery, base)?;
         Ok(config)
@@ -339,6 +396,14 @@ mod tests {
             ("name: a\nauth: { tokens: [\"\"] }\n", "auth.tokens"),
             ("name: a\nauth: { clock_skew_s: 0 }\n", "auth.clock_skew"),
             ("name: a\nauth: { token: x }\n", "token"),
+            (
+                "name: a\ne2e: { cert: /nonexistent/a.pem, key: k, ca: c }\n",
+                "/nonexistent/a.pem",
+            ),
+            (
+                "name: a\ne2e: { cert: a, key: k, ca: c, streams: some }\n",
+                "e2e.streams",
+            ),
         ];
         for (text, expected) in cases {
             let err = NodeConfig::from_yaml(text).expect_err(text).to_string();

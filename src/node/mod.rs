@@ -122,6 +122,10 @@ pub struct NodeConfig {
     /// [`crate::auth::AuthConfig::anonymous`]): each gets a temporary name
     /// (`anon-…`) and may talk to this node only. Bound like `listen`.
     pub anonymous_listen: Vec<Address>,
+    /// End-to-end encryption of streams ([`crate::tls`]): the node's
+    /// certificate, the CA, and which streams it encrypts. `None`: streams
+    /// are plain, and a peer's encrypted stream is refused.
+    pub e2e: Option<crate::tls::TlsContext>,
 }
 
 /// A discovery backend shared by nodes (see [`NodeConfig::discovery`]).
@@ -183,6 +187,7 @@ impl Default for NodeConfig {
             relay: None,
             auth: crate::auth::AuthConfig::default(),
             anonymous_listen: Vec::new(),
+            e2e: None,
         }
     }
 }
@@ -447,6 +452,9 @@ pub struct NodeStats {
     /// Connections refused or closed for wrong, expired or replayed
     /// credentials, or an anonymous peer overstepping (UNAUTHORIZED).
     pub auth_failures: u64,
+    /// End-to-end encrypted streams whose TLS failed (bad certificate,
+    /// wrong name, undecryptable data, no TLS configured here).
+    pub e2e_failures: u64,
     /// Messages the application took (`recv_timeout` / `try_recv`).
     pub messages_received: u64,
     /// Messages waiting in the application queues now (both classes).
@@ -461,6 +469,7 @@ struct Counters {
     bad_frames: AtomicU64,
     handshake_failures: AtomicU64,
     auth_failures: AtomicU64,
+    e2e_failures: AtomicU64,
     received: AtomicU64,
 }
 
@@ -1258,6 +1267,7 @@ impl Node {
             bad_frames: c.bad_frames.load(Ordering::Relaxed),
             handshake_failures: c.handshake_failures.load(Ordering::Relaxed),
             auth_failures: c.auth_failures.load(Ordering::Relaxed),
+            e2e_failures: c.e2e_failures.load(Ordering::Relaxed),
             messages_received: c.received.load(Ordering::Relaxed),
             queued: (self.shared.app_rx.len() + self.shared.urgent_rx.len()) as u64,
         }

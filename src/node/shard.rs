@@ -70,6 +70,7 @@ impl ShardState {
                 pending: BTreeMap::new(),
                 urgent: Vec::new(),
                 unreachable_since: Some(Instant::now()),
+                e2e: BTreeMap::new(),
             }),
             queued: RefCell::new(self.shared.shard_route(peer)),
             timer: super::conn::Notify::default(),
@@ -172,6 +173,200 @@ pub(super) struct EndpointState {
     urgent: Vec<StreamId>,
     /// Since when the peer has had no connection (`None`: connected).
     unreachable_since: Option<Instant>,
+    /// End-to-end encrypted streams (see [`crate::tls`]).
+    e2e: BTreeMap<StreamId, E2e>,
+}
+
+/// One end-to-end encrypted stream of an endpoint.
+enum E2e {
+    /// The TLS session, and ciphertext the session had no room for yet.
+    Live(Box<crate::tls::E2eStream>, VecDeque<Bytes>),
+    /// TLS failed: nothing more goes either way; why.
+    Failed(String),
+}
+
+/// What became of a plaintext message handed to an endpoint.
+enum Submitted {
+    /// Taken (by the stream layer, or sealed and held as ciphertext).
+    Taken,
+    /// Dropped and to be reported: the stream's TLS failed.
+    Refused(String),
+}
+
+impl EndpointState {
+    /// Moves what the session has to send into the paths' write buffers
+    /// (a path past `write_batch` is blocked until its writer catches up).
+    fn transmit(&mut self, shard: &ShardState, now: Instant) {
+        let batch = shard.shared.config.write_batch;
+        while let Some(transmit) = self.session.poll_transmit(now) {
+            let id = transmit.path();
+            let Some(path) = self.paths.get_mut(&id) else {
+                continue;
+            };
+            path.push_frame(&shard.encoder, &transmit.into_frame());
+            if path.buffered() >= batch {
+                self.session.set_path_blocked(id, true);
+            }
+        }
+        for path in self.paths.values_mut() {
+            if path.buffered() > 0 || path.closing {
+                path.wake();
+            }
+        }
+    }
+
+    /// Hands one plaintext message to the session, sealing it first on an
+    /// encrypted stream (one this node encrypts, or one the peer started
+    /// encrypted). `WouldBlock` leaves the message with the caller.
+    fn submit(
+        &mut self,
+        shard: &ShardState,
+        peer: &str,
+        stream_id: StreamId,
+        data: Bytes,
+    ) -> Result<Submitted, crate::stream::SendError> {
+        let tls = shard.shared.config.e2e.as_ref();
+        let encrypted = self.e2e.contains_key(&stream_id)
+            || tls.is_some_and(|t| t.encrypts(stream_id))
+            || self.session.is_peer_encrypted(stream_id);
+        if !encrypted {
+            return self.session.send(stream_id, data).map(|()| Submitted::Taken);
+        }
+        let Some(tls) = tls else {
+            return Ok(Submitted::Refused(
+                "the peer encrypts this stream end to end and this node has no TLS configured".into(),
+            ));
+        };
+        let full = matches!(self.e2e.get(&stream_id), Some(E2e::Live(stream, _)) if stream.is_full());
+        if full || !self.flush_cipher(stream_id) {
+            return Err(crate::stream::SendError::WouldBlock {
+                stream_id,
+                window: self.session.config().send_window,
+            });
+        }
+        let sealed = match self.e2e_stream(shard, tls, peer, stream_id) {
+            Err(why) => return Ok(Submitted::Refused(why)),
+            Ok(stream) => stream.seal(&data).map_err(|e| e.to_string()),
+        };
+        match sealed {
+            Ok(cipher) => {
+                self.queue_cipher(stream_id, cipher);
+                Ok(Submitted::Taken)
+            }
+            Err(why) => {
+                self.fail_e2e(shard, peer, stream_id, &why);
+                Ok(Submitted::Refused(why))
+            }
+        }
+    }
+
+    /// The stream's TLS session, started (its first messages queued) when
+    /// new; `Err` when it failed before.
+    fn e2e_stream(
+        &mut self,
+        shard: &ShardState,
+        tls: &crate::tls::TlsContext,
+        peer: &str,
+        stream_id: StreamId,
+    ) -> Result<&mut crate::tls::E2eStream, String> {
+        if !self.e2e.contains_key(&stream_id) {
+            let (stream, first) =
+                crate::tls::E2eStream::start(tls, &shard.shared.name, peer).map_err(|e| e.to_string())?;
+            self.session.set_stream_encrypted(stream_id);
+            self.e2e.insert(stream_id, E2e::Live(Box::new(stream), VecDeque::new()));
+            self.queue_cipher(stream_id, first);
+        }
+        match self.e2e.get_mut(&stream_id) {
+            Some(E2e::Live(stream, _)) => Ok(stream),
+            Some(E2e::Failed(why)) => Err(why.clone()),
+            None => Err("no TLS session".into()),
+        }
+    }
+
+    /// Encrypts every stream's batch of sealed messages and hands the
+    /// ciphertext to the session.
+    fn flush_e2e(&mut self, shard: &ShardState, peer: &str) {
+        let ids: Vec<StreamId> = self.e2e.keys().copied().collect();
+        for id in ids {
+            let flushed = match self.e2e.get_mut(&id) {
+                Some(E2e::Live(stream, _)) if stream.has_batch() => stream.flush().map_err(|e| e.to_string()),
+                _ => Ok(Vec::new()),
+            };
+            match flushed {
+                Ok(cipher) => self.queue_cipher(id, cipher),
+                Err(why) => self.fail_e2e(shard, peer, id, &why),
+            }
+        }
+    }
+
+    /// Queues ciphertext behind what the session could not take yet.
+    fn queue_cipher(&mut self, stream_id: StreamId, cipher: Vec<Bytes>) {
+        if let Some(E2e::Live(_, backlog)) = self.e2e.get_mut(&stream_id) {
+            backlog.extend(cipher);
+        }
+        self.flush_cipher(stream_id);
+    }
+
+    /// Moves held ciphertext into the session; whether none is left.
+    fn flush_cipher(&mut self, stream_id: StreamId) -> bool {
+        let Some(E2e::Live(_, backlog)) = self.e2e.get_mut(&stream_id) else {
+            return true;
+        };
+        while let Some(chunk) = backlog.front() {
+            if self.session.send(stream_id, chunk.clone()).is_err() {
+                return false;
+            }
+            backlog.pop_front();
+        }
+        true
+    }
+
+    /// Takes one message of TLS bytes from the peer; returns the plaintext
+    /// messages it completed.
+    fn open(&mut self, shard: &ShardState, peer: &str, stream_id: StreamId, data: &[u8]) -> Vec<Bytes> {
+        let Some(tls) = shard.shared.config.e2e.as_ref() else {
+            if let std::collections::btree_map::Entry::Vacant(entry) = self.e2e.entry(stream_id) {
+                let why = "the peer encrypts this stream end to end and this node has no TLS configured";
+                tracing::warn!(peer, stream_id, "{why}: its messages are dropped");
+                shard.shared.counters.e2e_failures.fetch_add(1, Ordering::Relaxed);
+                entry.insert(E2e::Failed(why.into()));
+            }
+            return Vec::new();
+        };
+        let opened = match self.e2e_stream(shard, tls, peer, stream_id) {
+            Ok(stream) => stream.open(data).map_err(|e| e.to_string()),
+            Err(_) => return Vec::new(),
+        };
+        match opened {
+            Ok((plain, reply)) => {
+                self.queue_cipher(stream_id, reply);
+                plain
+            }
+            Err(why) => {
+                self.fail_e2e(shard, peer, stream_id, &why);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Ends a stream's TLS session for good, reporting what was sealed on
+    /// it as possibly undelivered.
+    fn fail_e2e(&mut self, shard: &ShardState, peer: &str, stream_id: StreamId, why: &str) {
+        tracing::warn!(peer, stream_id, "end-to-end TLS failed: {why}");
+        shard.shared.counters.e2e_failures.fetch_add(1, Ordering::Relaxed);
+        let previous = self.e2e.insert(stream_id, E2e::Failed(why.to_string()));
+        if let Some(E2e::Live(stream, _)) = previous
+            && stream.sealed.0 > 0
+        {
+            shard.shared.report_undelivered(super::Undelivered {
+                to: Arc::from(peer),
+                stream_id,
+                messages: stream.sealed.0,
+                bytes: stream.sealed.1,
+                reason: format!("end-to-end TLS failed (some may have been delivered before): {why}"),
+            });
+        }
+    }
 }
 
 /// One remote node.
@@ -239,12 +434,14 @@ impl Endpoint {
     pub fn drive(&self, shard: &ShardState) {
         let now = Instant::now();
         let mut writable = false;
+        let mut refused: Vec<(StreamId, usize, String)> = Vec::new();
         {
             let mut st = self.state.borrow_mut();
             let st = &mut *st;
             if st.session.poll_timeout().is_some_and(|t| t <= now) {
                 st.session.handle_timeout(now);
             }
+
             if !st.pending.is_empty() {
                 // Urgent streams first, then the others in id order.
                 let mut streams: Vec<StreamId> = st.pending.keys().copied().collect();
@@ -253,10 +450,13 @@ impl Endpoint {
                     let Some(queue) = st.pending.get_mut(&stream_id) else {
                         continue;
                     };
+                    let mut queue = std::mem::take(queue);
                     while let Some((data, urgent)) = queue.front() {
                         let (len, urgent) = (data.len(), *urgent);
-                        if st.session.send(stream_id, data.clone()).is_err() {
-                            break;
+                        match st.submit(shard, &self.peer, stream_id, data.clone()) {
+                            Err(_) => break,
+                            Ok(Submitted::Taken) => {}
+                            Ok(Submitted::Refused(why)) => refused.push((stream_id, len, why)),
                         }
                         queue.pop_front();
                         release(&self.queued.borrow()[usize::from(urgent)], len);
@@ -264,30 +464,21 @@ impl Endpoint {
                     }
                     if queue.is_empty() {
                         st.pending.remove(&stream_id);
+                    } else {
+                        st.pending.insert(stream_id, queue);
                     }
                 }
             }
-            let batch = shard.shared.config.write_batch;
             for path in st.paths.values_mut() {
                 for frame in std::mem::take(&mut path.control) {
                     path.push_frame(&shard.encoder, &frame);
                 }
             }
-            while let Some(transmit) = st.session.poll_transmit(now) {
-                let id = transmit.path();
-                let Some(path) = st.paths.get_mut(&id) else {
-                    continue;
-                };
-                path.push_frame(&shard.encoder, &transmit.into_frame());
-                if path.buffered() >= batch {
-                    st.session.set_path_blocked(id, true);
-                }
+            if !st.e2e.is_empty() {
+                st.flush_e2e(shard, &self.peer);
             }
-            for path in st.paths.values_mut() {
-                if path.buffered() > 0 || path.closing {
-                    path.wake();
-                }
-            }
+            st.transmit(shard, now);
+            let mut e2e_output = false;
             loop {
                 // Urgent messages pass while the ordinary queue is full.
                 let urgent = (!shard.app_blocked(true))
@@ -307,6 +498,19 @@ impl Endpoint {
                 match event {
                     Event::Message { stream_id, data } => {
                         let urgent = st.session.is_peer_urgent(stream_id);
+                        if st.session.is_peer_encrypted(stream_id) {
+                            for data in st.open(shard, &self.peer, stream_id, &data) {
+                                let message = Message {
+                                    from: self.peer.clone(),
+                                    stream_id,
+                                    data,
+                                };
+                                shard.deliver(message, urgent);
+                            }
+                            // Handshake replies went into the session.
+                            e2e_output = true;
+                            continue;
+                        }
                         let message = Message {
                             from: self.peer.clone(),
                             stream_id,
@@ -325,6 +529,20 @@ impl Endpoint {
                     Event::Finished { .. } | Event::SendFinished { .. } => {}
                 }
             }
+            if e2e_output {
+                // A handshake that just finished releases the batches.
+                st.flush_e2e(shard, &self.peer);
+                st.transmit(shard, now);
+            }
+        }
+        for (stream_id, bytes, reason) in refused {
+            shard.shared.report_undelivered(super::Undelivered {
+                to: self.peer.clone(),
+                stream_id,
+                messages: 1,
+                bytes: bytes as u64,
+                reason,
+            });
         }
         if writable {
             shard.shared.notify_writable();
@@ -333,7 +551,13 @@ impl Endpoint {
     }
 
     /// Queues a message; `WouldBlock` when the stream window is full.
-    fn send(&self, stream_id: StreamId, data: Bytes, urgent: bool) -> Result<(), crate::stream::SendError> {
+    fn send(
+        &self,
+        shard: &ShardState,
+        stream_id: StreamId,
+        data: Bytes,
+        urgent: bool,
+    ) -> Result<(), crate::stream::SendError> {
         let mut st = self.state.borrow_mut();
         if urgent && !st.urgent.contains(&stream_id) {
             st.urgent.push(stream_id);
@@ -345,7 +569,21 @@ impl Endpoint {
                 window: st.session.config().send_window,
             });
         }
-        st.session.send(stream_id, data)
+        let len = data.len();
+        match st.submit(shard, &self.peer, stream_id, data)? {
+            Submitted::Taken => Ok(()),
+            Submitted::Refused(reason) => {
+                drop(st);
+                shard.shared.report_undelivered(super::Undelivered {
+                    to: self.peer.clone(),
+                    stream_id,
+                    messages: 1,
+                    bytes: len as u64,
+                    reason,
+                });
+                Ok(())
+            }
+        }
     }
 
     /// Closes every path with `reason` (a FINISH_CONNECTION goes out first).
@@ -542,16 +780,18 @@ pub(super) fn send_local(
 ) -> Option<Result<(), SendError>> {
     let state = local().filter(|s| Arc::ptr_eq(&s.shared, shared) && s.index == home)?;
     let endpoint = state.endpoint(to);
-    let result = endpoint.send(stream_id, data.clone(), urgent).map_err(|e| match e {
-        crate::stream::SendError::WouldBlock { .. } => SendError::WouldBlock {
-            peer: to.to_string(),
-            queue: "stream send_window",
-        },
-        source => SendError::Stream {
-            peer: to.to_string(),
-            source,
-        },
-    });
+    let result = endpoint
+        .send(&state, stream_id, data.clone(), urgent)
+        .map_err(|e| match e {
+            crate::stream::SendError::WouldBlock { .. } => SendError::WouldBlock {
+                peer: to.to_string(),
+                queue: "stream send_window",
+            },
+            source => SendError::Stream {
+                peer: to.to_string(),
+                source,
+            },
+        });
     if result.is_ok() {
         endpoint.drive(&state);
     }
@@ -582,7 +822,7 @@ pub(super) fn drain_send_queue() {
             continue;
         }
         let endpoint = state.endpoint(&outgoing.to);
-        match endpoint.send(outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
+        match endpoint.send(&state, outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
             Ok(()) => {
                 release(&endpoint.queued.borrow()[usize::from(outgoing.urgent)], len);
             }

@@ -108,6 +108,10 @@ pub struct Session {
     urgent_events: VecDeque<Event>,
     /// Streams served first (see [`Session::set_stream_urgent`]).
     urgent: BTreeSet<StreamId>,
+    /// Streams whose packets carry ENCRYPTED (see
+    /// [`Session::set_stream_encrypted`]), and those the peer flagged so.
+    encrypted: BTreeSet<StreamId>,
+    peer_encrypted: BTreeSet<StreamId>,
     /// Received streams the peer flagged URGENT.
     peer_urgent: BTreeSet<StreamId>,
     /// Round-robin cursors.
@@ -130,6 +134,8 @@ impl Session {
             urgent_events: VecDeque::new(),
             urgent: BTreeSet::new(),
             peer_urgent: BTreeSet::new(),
+            encrypted: BTreeSet::new(),
+            peer_encrypted: BTreeSet::new(),
             next_path: None,
             next_stream: None,
         }
@@ -175,6 +181,17 @@ impl Session {
         } else {
             self.urgent.remove(&stream_id);
         }
+    }
+
+    /// Marks a stream end-to-end encrypted: its packets carry ENCRYPTED, so
+    /// the peer (and relays) know its content is TLS bytes.
+    pub fn set_stream_encrypted(&mut self, stream_id: StreamId) {
+        self.encrypted.insert(stream_id);
+    }
+
+    /// Whether the peer's packets on `stream_id` carry ENCRYPTED.
+    pub fn is_peer_encrypted(&self, stream_id: StreamId) -> bool {
+        self.peer_encrypted.contains(&stream_id)
     }
 
     /// Whether the peer sends `stream_id` as urgent (its packets carry the
@@ -230,6 +247,7 @@ impl Session {
     pub fn peer_restarted(&mut self) {
         self.recv.clear();
         self.peer_urgent.clear();
+        self.peer_encrypted.clear();
         self.queued.clear();
         for path in self.paths.values_mut() {
             path.in_flight.clear();
@@ -336,6 +354,9 @@ impl Session {
         }
         if packet.has_flag(AtbusPacketFlagType::Urgent) {
             self.peer_urgent.insert(stream_id);
+        }
+        if packet.has_flag(AtbusPacketFlagType::Encrypted) {
+            self.peer_encrypted.insert(stream_id);
         }
         let recv = self.recv.entry(stream_id).or_default();
         if packet.has_flag(AtbusPacketFlagType::ResetOffset) {
@@ -659,11 +680,17 @@ impl Session {
                     packet: Packet {
                         stream_id,
                         offset: chunk.offset,
-                        flags: if self.urgent.contains(&stream_id) {
-                            chunk.flags | AtbusPacketFlagType::Urgent as i32
-                        } else {
-                            chunk.flags
-                        },
+                        flags: chunk.flags
+                            | if self.urgent.contains(&stream_id) {
+                                AtbusPacketFlagType::Urgent as i32
+                            } else {
+                                0
+                            }
+                            | if self.encrypted.contains(&stream_id) {
+                                AtbusPacketFlagType::Encrypted as i32
+                            } else {
+                                0
+                            },
                         timepoint,
                         fragments: chunk.fragments,
                     },

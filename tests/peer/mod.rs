@@ -116,6 +116,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub accepted: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
     pub captured: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    /// What the listening side sent back, per connection.
+    pub captured_back: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
     live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
 }
 
@@ -126,8 +128,9 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address");
         let accepted = Arc::new(Mutex::new(Vec::new()));
         let captured = Arc::new(Mutex::new(Vec::new()));
+        let captured_back = Arc::new(Mutex::new(Vec::new()));
         let live = Arc::new(Mutex::new(Vec::new()));
-        let (acc, cap, lv) = (accepted.clone(), captured.clone(), live.clone());
+        let (acc, cap, back, lv) = (accepted.clone(), captured.clone(), captured_back.clone(), live.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { break };
@@ -140,6 +143,7 @@ impl Proxy {
                 let index = {
                     let mut c = cap.lock().expect("lock");
                     c.push(Vec::new());
+                    back.lock().expect("lock").push(Vec::new());
                     c.len() - 1
                 };
                 {
@@ -153,13 +157,14 @@ impl Proxy {
                     delay,
                     Some((cap.clone(), index)),
                 );
-                pump(server, client, delay, None);
+                pump(server, client, delay, Some((back.clone(), index)));
             }
         });
         Proxy {
             addr,
             accepted,
             captured,
+            captured_back,
             live,
         }
     }

@@ -60,12 +60,22 @@ pub struct BenchArgs {
     /// Override the stream layer's per-path window (bytes in flight).
     #[arg(long)]
     path_window: Option<usize>,
+    /// Also measure each throughput case and the ping-pong on a stream
+    /// encrypted end to end (TLS 1.3, certificates made for the run), in
+    /// the same run as the plain ones (`"e2e": true` rows).
+    #[arg(long)]
+    e2e: bool,
 }
+
+/// Streams the bench encrypts when `--e2e` is on: bulk, ping.
+const E2E_BULK: i64 = 4;
+const E2E_PING: i64 = 5;
 
 #[derive(Serialize)]
 struct Throughput<'a> {
     kind: &'static str,
     transport: &'a str,
+    e2e: bool,
     payload: usize,
     messages: u64,
     msgs_per_sec: f64,
@@ -81,6 +91,7 @@ struct Throughput<'a> {
 struct Rtt<'a> {
     kind: &'static str,
     transport: &'a str,
+    e2e: bool,
     payload: usize,
     round_trips: usize,
     rtt_p50_us: f64,
@@ -123,46 +134,69 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     eprintln!("# {} cores; nodes pinned to cores 0 and 1", cores.len());
     for transport in &args.transports {
-        let pair = Pair::start(transport, args.path_window)?;
+        let pair = Pair::start(transport, args.path_window, args.e2e)?;
+        let variants: &[bool] = if args.e2e && transport != "mem" {
+            &[false, true]
+        } else {
+            &[false]
+        };
         if !args.pingpong {
             for &payload in &args.sizes {
-                eprintln!("# {transport} {payload} B: {} s ...", args.seconds);
-                let (messages, ours) = pair.throughput(payload, Duration::from_secs_f64(args.seconds))?;
-                let (base, lost) = isolated({
-                    let transport = transport.clone();
-                    move || baseline_throughput(&transport, payload, messages)
-                });
-                print_json(&Throughput {
-                    kind: "throughput",
-                    transport,
-                    payload,
-                    messages,
-                    msgs_per_sec: ours,
-                    mb_per_sec: ours * payload as f64 / 1e6,
-                    baseline_msgs_per_sec: base,
-                    baseline_mb_per_sec: base * payload as f64 / 1e6,
-                    baseline_lost: lost,
-                    ratio: ours / base,
-                });
+                let mut plain = None;
+                for &e2e in variants {
+                    let stream = if e2e { E2E_BULK } else { 1 };
+                    let label = if e2e { " e2e" } else { "" };
+                    eprintln!("# {transport}{label} {payload} B: {} s ...", args.seconds);
+                    let (messages, ours) = pair.throughput(payload, Duration::from_secs_f64(args.seconds), stream)?;
+                    // One baseline per size, moving the plain case's count.
+                    let (base, lost) = match plain {
+                        Some(measured) => measured,
+                        None => {
+                            let measured = isolated({
+                                let transport = transport.clone();
+                                move || baseline_throughput(&transport, payload, messages)
+                            });
+                            plain = Some(measured);
+                            measured
+                        }
+                    };
+                    print_json(&Throughput {
+                        kind: "throughput",
+                        transport,
+                        e2e,
+                        payload,
+                        messages,
+                        msgs_per_sec: ours,
+                        mb_per_sec: ours * payload as f64 / 1e6,
+                        baseline_msgs_per_sec: base,
+                        baseline_mb_per_sec: base * payload as f64 / 1e6,
+                        baseline_lost: lost,
+                        ratio: ours / base,
+                    });
+                }
             }
         }
-        eprintln!("# {transport} ping-pong: {} round trips ...", args.round_trips);
-        let ours = pair.ping_pong(args.round_trips, false);
         let base = isolated({
             let (transport, trips) = (transport.clone(), args.round_trips);
             move || baseline_rtt(&transport, trips)
         });
-        print_json(&Rtt {
-            kind: "rtt",
-            transport,
-            payload: PING,
-            round_trips: args.round_trips,
-            rtt_p50_us: us(ours.value_at_quantile(0.5)),
-            rtt_p99_us: us(ours.value_at_quantile(0.99)),
-            rtt_max_us: us(ours.max()),
-            baseline_rtt_p50_us: us(base.value_at_quantile(0.5)),
-            baseline_rtt_p99_us: us(base.value_at_quantile(0.99)),
-        });
+        for &e2e in variants {
+            let label = if e2e { " e2e" } else { "" };
+            eprintln!("# {transport}{label} ping-pong: {} round trips ...", args.round_trips);
+            let ours = pair.ping_pong(args.round_trips, if e2e { E2E_PING } else { 2 });
+            print_json(&Rtt {
+                kind: "rtt",
+                transport,
+                e2e,
+                payload: PING,
+                round_trips: args.round_trips,
+                rtt_p50_us: us(ours.value_at_quantile(0.5)),
+                rtt_p99_us: us(ours.value_at_quantile(0.99)),
+                rtt_max_us: us(ours.max()),
+                baseline_rtt_p50_us: us(base.value_at_quantile(0.5)),
+                baseline_rtt_p99_us: us(base.value_at_quantile(0.99)),
+            });
+        }
         if args.class && transport != "mem" {
             let trips = (args.round_trips / 4).max(500);
             for class in ["idle", "throughput", "latency"] {
@@ -242,7 +276,27 @@ struct Pair {
 }
 
 impl Pair {
-    fn start(transport: &str, path_window: Option<usize>) -> Result<Pair, String> {
+    fn start(transport: &str, path_window: Option<usize>, e2e: bool) -> Result<Pair, String> {
+        let tls = if e2e {
+            let issued = libatbus::tls::issue("atbus-bench-ca", &[PEER_A.to_string(), PEER_B.to_string()])
+                .map_err(|e| e.to_string())?;
+            let streams = libatbus::tls::E2eStreams::Only([E2E_BULK, E2E_PING].into());
+            let mut contexts = Vec::new();
+            for (_, cert, key) in &issued.nodes {
+                contexts.push(
+                    libatbus::tls::TlsContext::from_pem(
+                        cert.as_bytes(),
+                        key.as_bytes(),
+                        issued.ca_cert.as_bytes(),
+                        streams.clone(),
+                    )
+                    .map_err(|e| e.to_string())?,
+                );
+            }
+            contexts
+        } else {
+            Vec::new()
+        };
         let tag = std::process::id();
         let dir = std::env::temp_dir().join(format!("atbus-bench-{tag}"));
         let (listen_a, listen_b, dir) = match transport {
@@ -262,6 +316,7 @@ impl Pair {
         let node = |name: &str, listen: &str, core: usize| -> Result<Arc<Node>, String> {
             let mut config = NodeConfig::new(name, &[listen]).map_err(|e| e.to_string())?;
             config.runtime.first_core = core;
+            config.e2e = tls.get(core).cloned();
             if let Some(window) = path_window {
                 config.stream.path_window = window;
             }
@@ -288,7 +343,7 @@ impl Pair {
 
     /// One-way messages from a to b for `period`: (messages, messages/s,
     /// from the first send to the last receive).
-    fn throughput(&self, payload: usize, period: Duration) -> Result<(u64, f64), String> {
+    fn throughput(&self, payload: usize, period: Duration, stream: i64) -> Result<(u64, f64), String> {
         let data = static_payload(0xa5u8, payload);
         let total = Arc::new(AtomicU64::new(u64::MAX));
         let b = self.b.clone();
@@ -317,7 +372,7 @@ impl Pair {
         let mut sent = 0u64;
         while started.elapsed() < period {
             for _ in 0..256 {
-                send(&self.a, PEER_B, 1, data.clone(), false);
+                send(&self.a, PEER_B, stream, data.clone(), false);
             }
             sent += 256;
         }
@@ -328,11 +383,11 @@ impl Pair {
         Ok((sent, sent as f64 / (done - started).as_secs_f64()))
     }
 
-    /// 64 B round trips a → b → a.
-    fn ping_pong(&self, trips: usize, urgent: bool) -> Histogram<u64> {
+    /// 64 B round trips a → b → a on `stream`.
+    fn ping_pong(&self, trips: usize, stream: i64) -> Histogram<u64> {
         let stop = Arc::new(AtomicBool::new(false));
         let echo = self.echo(stop.clone());
-        let hist = ping(&self.a, trips, if urgent { 3 } else { 2 }, urgent);
+        let hist = ping(&self.a, trips, stream, false);
         stop.store(true, Ordering::Release);
         echo.join().expect("echo");
         hist
@@ -350,7 +405,7 @@ impl Pair {
                     continue;
                 };
                 match stream_id {
-                    2 => send(&b, PEER_A, 2, data, false),
+                    2 | E2E_PING => send(&b, PEER_A, stream_id, data, false),
                     3 => send(&b, PEER_A, 3, data, true),
                     _ => bulk += data.len() as u64,
                 }

@@ -99,6 +99,47 @@ enum Command {
     /// The data-plane benchmark: two pinned nodes, one connection, beside a
     /// raw-socket baseline measured in the same run. One JSON object per case.
     Bench(bench::BenchArgs),
+    /// Makes a CA and a certificate per node name for end-to-end
+    /// encryption: <out>/ca.pem, <out>/<name>.pem, <out>/<name>.key. The
+    /// CA's key is not kept: run it again with every name to add a node.
+    Cert {
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Node names (repeatable).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// The CA's common name.
+        #[arg(long, default_value = "atbus-ca")]
+        ca_name: String,
+    },
+}
+
+fn run_cert(out: &std::path::Path, names: &[String], ca_name: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let issued = libatbus::tls::issue(ca_name, names).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let write = |name: String, text: &str, mode: u32| -> Result<(), String> {
+        let path = out.join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        file.write_all(text.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("{}", path.display());
+        Ok(())
+    };
+    write("ca.pem".into(), &issued.ca_cert, 0o644)?;
+    for (name, cert, key) in &issued.nodes {
+        write(format!("{name}.pem"), cert, 0o644)?;
+        write(format!("{name}.key"), key, 0o600)?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -135,6 +176,7 @@ fn main() -> ExitCode {
             interval_ms,
         } => run_ping(&config, &to, count, Duration::from_millis(interval_ms)),
         Command::Bench(args) => bench::run(args),
+        Command::Cert { out, names, ca_name } => run_cert(&out, &names, &ca_name),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
