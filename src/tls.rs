@@ -83,7 +83,13 @@ pub struct TlsContext {
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
     streams: E2eStreams,
+    /// The same identity for `quic://` (ALPN `atbus/3`, 0-RTT resumption).
+    quic_client: quinn_proto::ClientConfig,
+    quic_server: Arc<quinn_proto::ServerConfig>,
 }
+
+/// ALPN of libatbus over QUIC.
+pub const QUIC_ALPN: &[u8] = b"atbus/3";
 
 impl std::fmt::Debug for TlsContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,22 +159,60 @@ impl TlsContext {
             return Err(bad("CA", "no certificate in the file".into()));
         }
         let roots = Arc::new(roots);
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .build()
-            .map_err(|e| bad("CA", e.to_string()))?;
-        let server = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())?;
-        let client = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)?;
+        let server = || -> Result<ServerConfig, TlsError> {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| bad("CA", e.to_string()))?;
+            Ok(ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain.clone(), key.clone_key())?)
+        };
+        let client = || -> Result<ClientConfig, TlsError> {
+            Ok(ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_root_certificates(roots.clone())
+                .with_client_auth_cert(chain.clone(), key.clone_key())?)
+        };
+        let quic_err = |e: quinn_proto::crypto::rustls::NoInitialCipherSuite| bad("certificate", e.to_string());
+        let mut quic_client = client()?;
+        quic_client.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+        quic_client.enable_early_data = true;
+        let quic_client = quinn_proto::crypto::rustls::QuicClientConfig::try_from(quic_client).map_err(quic_err)?;
+        let mut quic_server = server()?;
+        quic_server.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+        quic_server.max_early_data_size = u32::MAX;
+        let quic_server = quinn_proto::crypto::rustls::QuicServerConfig::try_from(quic_server).map_err(quic_err)?;
+        let mut transport = quinn_proto::TransportConfig::default();
+        // Bulk between two servers: larger windows than the defaults, and
+        // keep-alives so that an idle link stays up (the bus pings too).
+        transport
+            .stream_receive_window(quinn_proto::VarInt::from_u32(8 << 20))
+            .receive_window(quinn_proto::VarInt::from_u32(16 << 20))
+            .send_window(16 << 20)
+            .keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+        let transport = Arc::new(transport);
+        let mut quic_client = quinn_proto::ClientConfig::new(Arc::new(quic_client));
+        quic_client.transport_config(transport.clone());
+        let mut quic_server = quinn_proto::ServerConfig::with_crypto(Arc::new(quic_server));
+        quic_server.transport_config(transport);
         Ok(Self {
-            client: Arc::new(client),
-            server: Arc::new(server),
+            client: Arc::new(client()?),
+            server: Arc::new(server()?),
             streams,
+            quic_client,
+            quic_server: Arc::new(quic_server),
         })
+    }
+
+    /// QUIC client configuration (this node's certificate, the CA).
+    pub fn quic_client(&self) -> quinn_proto::ClientConfig {
+        self.quic_client.clone()
+    }
+
+    /// QUIC server configuration.
+    pub fn quic_server(&self) -> Arc<quinn_proto::ServerConfig> {
+        self.quic_server.clone()
     }
 
     /// Whether this node encrypts `stream_id` when it sends on it first.
@@ -381,6 +425,18 @@ pub struct Issued {
     pub nodes: Vec<(String, String, String)>,
 }
 
+impl Issued {
+    /// The TLS context of node `name` (one of those issued).
+    pub fn context(&self, name: &str, streams: E2eStreams) -> Result<TlsContext, TlsError> {
+        let (_, cert, key) = self
+            .nodes
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .ok_or_else(|| TlsError::BadName(name.to_string()))?;
+        TlsContext::from_pem(cert.as_bytes(), key.as_bytes(), self.ca_cert.as_bytes(), streams)
+    }
+}
+
 /// Makes a CA and one certificate per node name (subject alternative name =
 /// the node name), each with its own key.
 pub fn issue(ca_name: &str, names: &[String]) -> Result<Issued, TlsError> {
@@ -423,20 +479,11 @@ mod tests {
     use super::*;
 
     fn contexts(names: &[&str]) -> Vec<TlsContext> {
-        let names: Vec<String> = names.iter().map(ToString::to_string).collect();
-        let issued = issue("test-ca", &names).expect("issue");
-        issued
-            .nodes
+        let owned: Vec<String> = names.iter().map(ToString::to_string).collect();
+        let issued = issue("test-ca", &owned).expect("issue");
+        names
             .iter()
-            .map(|(_, cert, key)| {
-                TlsContext::from_pem(
-                    cert.as_bytes(),
-                    key.as_bytes(),
-                    issued.ca_cert.as_bytes(),
-                    E2eStreams::All,
-                )
-                .expect("context")
-            })
+            .map(|n| issued.context(n, E2eStreams::All).expect("context"))
             .collect()
     }
 

@@ -144,7 +144,7 @@ fn send_and_recv_with_tokens_and_e2e_from_yaml() {
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let (receiver_config, sender_config) = configs_with(&dir, "cli-sec-recv", "cli-sec-send", free_port(), |name| {
         format!(
-            "auth: {{ tokens: [cli-s3cret] }}\ne2e: {{ cert: certs/{name}.pem, key: certs/{name}.key, ca: certs/ca.pem, streams: all }}\n"
+            "auth: {{ tokens: [cli-s3cret] }}\ntls: {{ cert: certs/{name}.pem, key: certs/{name}.key, ca: certs/ca.pem, e2e: all }}\n"
         )
     });
     send_and_recv(&receiver_config, &sender_config, "cli-sec-recv", 500);

@@ -16,15 +16,14 @@ use libatbus::tls::{E2eStreams, Issued, TlsContext, issue};
 use peer::{Proxy, socket_addr};
 
 fn context(issued: &Issued, name: &str, streams: E2eStreams) -> TlsContext {
-    let (_, cert, key) = issued.nodes.iter().find(|(n, _, _)| n == name).expect("issued");
-    TlsContext::from_pem(cert.as_bytes(), key.as_bytes(), issued.ca_cert.as_bytes(), streams).expect("tls context")
+    issued.context(name, streams).expect("tls context")
 }
 
 fn start(name: &str, tls: Option<TlsContext>, discovery: &Arc<MemoryDiscovery>) -> Node {
     let mut config = NodeConfig::new(name, &["tcp://127.0.0.1:0"]).expect("config");
     config.discovery = DiscoverySource(discovery.clone());
     config.latency_path = false;
-    config.e2e = tls;
+    config.tls = tls;
     Node::start(config).expect("node")
 }
 

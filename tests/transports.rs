@@ -8,15 +8,32 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use libatbus::address::Address;
 use libatbus::node::{Node, NodeConfig};
+use libatbus::tls::{E2eStreams, TlsContext};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 const MESSAGES: u64 = 100_000;
 
 fn node(name: &str, listen: &str, core: usize) -> Node {
+    node_tls(name, listen, core, None, 1)
+}
+
+fn node_tls(name: &str, listen: &str, core: usize, tls: Option<TlsContext>, shards: usize) -> Node {
     let mut config = NodeConfig::new(name, &[listen]).expect("config");
     config.runtime.first_core = core;
+    config.runtime.shards = shards;
+    config.tls = tls;
     Node::start(config).expect("node starts")
+}
+
+/// TLS identities for `names`, signed by one CA made for the test.
+fn identities(names: &[&str]) -> Vec<TlsContext> {
+    let owned: Vec<String> = names.iter().map(ToString::to_string).collect();
+    let issued = libatbus::tls::issue("transports-test-ca", &owned).expect("certificates");
+    names
+        .iter()
+        .map(|n| issued.context(n, E2eStreams::Only(Default::default())).expect("tls"))
+        .collect()
 }
 
 /// Message `seq` of a run: its sequence number, then bytes derived from it.
@@ -77,6 +94,14 @@ fn exchange(test: &str, listen_a: &str, listen_b: &str, max_len: usize) {
     let (name_a, name_b) = (format!("a-{test}"), format!("b-{test}"));
     let a = Arc::new(node(&name_a, listen_a, 0));
     let b = Arc::new(node(&name_b, listen_b, 1));
+    exchange_between(a, b, max_len);
+}
+
+/// 100 000 messages each way between `a` and `b` (a dials b's first
+/// listen address).
+fn exchange_between(a: Arc<Node>, b: Arc<Node>, max_len: usize) {
+    let (name_a, name_b) = (a.name().to_string(), b.name().to_string());
+    let listen_a = a.listen_addresses()[0].to_string();
     let b_address: Address = b.listen_addresses()[0].clone();
     a.add_route(&name_b, b_address).expect("route");
     wait_connected(&b, &name_a);
@@ -127,6 +152,43 @@ fn unix_abstract_two_shards() {
 #[test]
 fn udp_two_shards() {
     exchange("udp", "udp://127.0.0.1:0", "udp://127.0.0.1:0", 2048);
+}
+
+#[test]
+fn quic_two_shards() {
+    let tls = identities(&["a-quic", "b-quic"]);
+    let a = Arc::new(node_tls("a-quic", "quic://127.0.0.1:0", 0, Some(tls[0].clone()), 1));
+    let b = Arc::new(node_tls("b-quic", "quic://127.0.0.1:0", 1, Some(tls[1].clone()), 1));
+    exchange_between(a, b, 4096);
+}
+
+/// A QUIC connection accepted on shard 0 for a peer homed on shard 1 stays
+/// on shard 0 (its socket is there) and is bridged to shard 1.
+#[test]
+fn quic_bridged_to_the_home_shard() {
+    // A dialler's name that node b (2 shards) homes on shard 1.
+    let name_a = (0..)
+        .map(|i| format!("a-quic-bridge-{i}"))
+        .find(|n| xxhash_rust::xxh3::xxh3_64(n.as_bytes()) % 2 == 1)
+        .expect("a name");
+    let tls = identities(&[&name_a, "b-quic-bridge"]);
+    let a = Arc::new(node_tls(&name_a, "quic://127.0.0.1:0", 0, Some(tls[0].clone()), 1));
+    let b = Arc::new(node_tls(
+        "b-quic-bridge",
+        "quic://127.0.0.1:0",
+        0,
+        Some(tls[1].clone()),
+        2,
+    ));
+    exchange_between(a, b, 4096);
+}
+
+/// A QUIC listener needs a certificate: a clear error, not a panic.
+#[test]
+fn quic_without_tls_is_a_clear_error() {
+    let config = NodeConfig::new("quic-no-tls", &["quic://127.0.0.1:0"]).expect("config");
+    let err = Node::start(config).expect_err("no certificate").to_string();
+    assert!(err.contains("certificate"), "{err}");
 }
 
 #[test]

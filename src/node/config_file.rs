@@ -10,7 +10,7 @@
 //! timeouts_ms: { connect: 2000, idle: 5000, give_up: 30000 }
 //! auth: { tokens: [s3cret-2026, s3cret-2025], clock_skew_s: 300, zero_rtt: true }
 //! anonymous_listen: [tcp://0.0.0.0:7100]  # also admits anonymous clients
-//! e2e: { cert: alpha.pem, key: alpha.key, ca: ca.pem, streams: [1, 2] }  # or streams: all
+//! tls: { cert: alpha.pem, key: alpha.key, ca: ca.pem, e2e: [1, 2] }  # e2e: all | none | ids
 //! ```
 //!
 //! Every key is optional but `name`; unknown keys are errors (a typo never
@@ -64,26 +64,27 @@ pub struct NodeFile {
     /// Listeners that also admit anonymous dialers.
     #[serde(deserialize_with = "crate::discovery::one_or_many")]
     pub anonymous_listen: Vec<String>,
-    /// End-to-end stream encryption.
-    pub e2e: Option<E2eFile>,
+    /// Certificates for end-to-end stream encryption and QUIC.
+    pub tls: Option<TlsFile>,
 }
 
-/// `e2e:` — see [`crate::tls`]. Paths are relative to the config file.
+/// `tls:` — see [`crate::tls`]. Paths are relative to the config file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct E2eFile {
+pub struct TlsFile {
     /// The node's certificate chain (PEM).
     pub cert: PathBuf,
     /// Its private key (PEM).
     pub key: PathBuf,
     /// The CA certificate(s) peers must be signed by (PEM).
     pub ca: PathBuf,
-    /// `all`, or a list of stream ids.
+    /// Streams this node encrypts end to end: `all`, `none` (the default),
+    /// or a list of stream ids.
     #[serde(default)]
-    pub streams: E2eStreamsFile,
+    pub e2e: E2eStreamsFile,
 }
 
-/// `e2e.streams:` — `all` or a list of stream ids.
+/// `tls.e2e:` — `all`, `none` or a list of stream ids.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 pub enum E2eStreamsFile {
@@ -95,7 +96,7 @@ pub enum E2eStreamsFile {
 
 impl Default for E2eStreamsFile {
     fn default() -> Self {
-        Self::Word("all".into())
+        Self::Word("none".into())
     }
 }
 
@@ -263,28 +264,29 @@ impl NodeFile {
             .map(|a| a.parse())
             .collect::<Result<_, _>>()
             .map_err(NodeError::Address)?;
-        if let Some(e2e) = self.e2e {
-            let streams = match e2e.streams {
+        if let Some(tls) = self.tls {
+            let streams = match tls.e2e {
                 E2eStreamsFile::Word(w) if w == "all" => crate::tls::E2eStreams::All,
+                E2eStreamsFile::Word(w) if w == "none" => crate::tls::E2eStreams::Only(Default::default()),
                 E2eStreamsFile::Word(other) => {
                     return Err(NodeError::Config {
-                        field: "e2e.streams",
-                        reason: format!("{other:?}: expected `all` or a list of stream ids"),
+                        field: "tls.e2e",
+                        reason: format!("{other:?}: expected `all`, `none` or a list of stream ids"),
                     });
                 }
                 E2eStreamsFile::List(ids) => crate::tls::E2eStreams::Only(ids.into_iter().collect()),
             };
-            let tls = crate::tls::TlsContext::from_files(
-                &base.join(&e2e.cert),
-                &base.join(&e2e.key),
-                &base.join(&e2e.ca),
+            let context = crate::tls::TlsContext::from_files(
+                &base.join(&tls.cert),
+                &base.join(&tls.key),
+                &base.join(&tls.ca),
                 streams,
             )
             .map_err(|e| NodeError::Config {
-                field: "e2e",
+                field: "tls",
                 reason: e.to_string(),
             })?;
-            config.e2e = Some(tls);
+            config.tls = Some(context);
         }
         config.validate()?;
         config.discovery = open_discovery(self.discovery, base)?;
@@ -397,13 +399,10 @@ mod tests {
             ("name: a\nauth: { clock_skew_s: 0 }\n", "auth.clock_skew"),
             ("name: a\nauth: { token: x }\n", "token"),
             (
-                "name: a\ne2e: { cert: /nonexistent/a.pem, key: k, ca: c }\n",
+                "name: a\ntls: { cert: /nonexistent/a.pem, key: k, ca: c }\n",
                 "/nonexistent/a.pem",
             ),
-            (
-                "name: a\ne2e: { cert: a, key: k, ca: c, streams: some }\n",
-                "e2e.streams",
-            ),
+            ("name: a\ntls: { cert: a, key: k, ca: c, e2e: some }\n", "tls.e2e"),
         ];
         for (text, expected) in cases {
             let err = NodeConfig::from_yaml(text).expect_err(text).to_string();

@@ -14,13 +14,11 @@
 //!    on too many bad frames (BAD_FRAME), on silence (IDLE_TIMEOUT), or on
 //!    a graceful close (the peer's FINISH_CONNECTION, or SHUTDOWN).
 
-use std::cell::{Cell, RefCell};
-use std::future::Future;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -41,41 +39,7 @@ use crate::transport::{self, Connected, Link, Listener, UdpDemux};
 /// Internal stream carrying the handshake.
 pub const HANDSHAKE_STREAM: i64 = -2;
 
-/// A single-threaded notification: every waiter created before a
-/// `notify()` completes.
-#[derive(Default)]
-pub struct Notify {
-    generation: Cell<u64>,
-    waiters: RefCell<Vec<Waker>>,
-}
-
-impl Notify {
-    pub fn notify(&self) {
-        self.generation.set(self.generation.get() + 1);
-        for waker in self.waiters.borrow_mut().drain(..) {
-            waker.wake();
-        }
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.generation.get() > 0
-    }
-
-    /// Completes at the next `notify()` after this call.
-    pub fn notified(&self) -> impl Future<Output = ()> + '_ {
-        let start = self.generation.get();
-        std::future::poll_fn(move |cx| {
-            if self.generation.get() != start {
-                return Poll::Ready(());
-            }
-            let mut waiters = self.waiters.borrow_mut();
-            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                waiters.push(cx.waker().clone());
-            }
-            Poll::Pending
-        })
-    }
-}
+pub use crate::runtime::Notify;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -197,13 +161,10 @@ pub(super) async fn dial_loop(
         }
         let address = &addresses[next % addresses.len()];
         let started = Instant::now();
-        let dialed = futures_lite::future::or(
-            async { Some(transport::connect(address, config.connect_timeout).await) },
-            async {
-                state.shutdown.notified().await;
-                None
-            },
-        )
+        let dialed = futures_lite::future::or(async { Some(dial_address(&state, &peer, address).await) }, async {
+            state.shutdown.notified().await;
+            None
+        })
         .await;
         match dialed {
             None => break,
@@ -249,6 +210,25 @@ pub(super) async fn dial_loop(
     }
 }
 
+/// Connects to `address`; QUIC with this node's certificate, expecting
+/// `peer`'s.
+async fn dial_address(state: &ShardState, peer: &str, address: &Address) -> io::Result<Connected> {
+    let config = &state.shared.config;
+    let Address::Quic { host, port } = address else {
+        return transport::connect(address, config.connect_timeout).await;
+    };
+    let tls = config.tls.as_ref().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{address}: QUIC needs the node's certificate (NodeConfig::tls)"),
+        )
+    })?;
+    let remote = transport::resolve(host, *port)?;
+    transport::quic::connect(remote, peer, tls.quic_client(), config.connect_timeout)
+        .await
+        .map(Connected::Quic)
+}
+
 /// Which side of a connection this node is.
 #[derive(Clone, Debug)]
 enum Dial {
@@ -283,6 +263,8 @@ async fn run(state: Rc<ShardState>, connected: Connected, dial: Dial, origin: St
         Connected::Tcp(link) => run_link(state, Rc::new(link), dial, origin).await,
         Connected::Unix(link) => run_link(state, Rc::new(link), dial, origin).await,
         Connected::Udp(link) => run_link(state, Rc::new(link), dial, origin).await,
+        Connected::Quic(link) => run_link(state, Rc::new(link), dial, origin).await,
+        Connected::Bridged(link) => run_link(state, Rc::new(link), dial, origin).await,
     }
 }
 
@@ -528,6 +510,14 @@ pub(super) async fn adopted(state: Rc<ShardState>, connected: Connected, peer: P
         }
         Connected::Udp(link) => {
             let reader = reader_for(&state, true, &[]);
+            established(state, Rc::new(link), reader, peer, origin).await
+        }
+        Connected::Quic(link) => {
+            let reader = reader_for(&state, false, &leftover);
+            established(state, Rc::new(link), reader, peer, origin).await
+        }
+        Connected::Bridged(link) => {
+            let reader = reader_for(&state, false, &leftover);
             established(state, Rc::new(link), reader, peer, origin).await
         }
     };

@@ -122,10 +122,11 @@ pub struct NodeConfig {
     /// [`crate::auth::AuthConfig::anonymous`]): each gets a temporary name
     /// (`anon-…`) and may talk to this node only. Bound like `listen`.
     pub anonymous_listen: Vec<Address>,
-    /// End-to-end encryption of streams ([`crate::tls`]): the node's
-    /// certificate, the CA, and which streams it encrypts. `None`: streams
-    /// are plain, and a peer's encrypted stream is refused.
-    pub e2e: Option<crate::tls::TlsContext>,
+    /// The node's certificate and the CA it trusts ([`crate::tls`]), for
+    /// end-to-end encrypted streams (which ones: the context's
+    /// [`crate::tls::E2eStreams`]) and for `quic://`. `None`: streams are
+    /// plain, a peer's encrypted stream is refused, and QUIC is off.
+    pub tls: Option<crate::tls::TlsContext>,
 }
 
 /// A discovery backend shared by nodes (see [`NodeConfig::discovery`]).
@@ -187,7 +188,7 @@ impl Default for NodeConfig {
             relay: None,
             auth: crate::auth::AuthConfig::default(),
             anonymous_listen: Vec::new(),
-            e2e: None,
+            tls: None,
         }
     }
 }

@@ -225,7 +225,7 @@ impl EndpointState {
         stream_id: StreamId,
         data: Bytes,
     ) -> Result<Submitted, crate::stream::SendError> {
-        let tls = shard.shared.config.e2e.as_ref();
+        let tls = shard.shared.config.tls.as_ref();
         let encrypted = self.e2e.contains_key(&stream_id)
             || tls.is_some_and(|t| t.encrypts(stream_id))
             || self.session.is_peer_encrypted(stream_id);
@@ -324,7 +324,7 @@ impl EndpointState {
     /// Takes one message of TLS bytes from the peer; returns the plaintext
     /// messages it completed.
     fn open(&mut self, shard: &ShardState, peer: &str, stream_id: StreamId, data: &[u8]) -> Vec<Bytes> {
-        let Some(tls) = shard.shared.config.e2e.as_ref() else {
+        let Some(tls) = shard.shared.config.tls.as_ref() else {
             if let std::collections::btree_map::Entry::Vacant(entry) = self.e2e.entry(stream_id) {
                 let why = "the peer encrypts this stream end to end and this node has no TLS configured";
                 tracing::warn!(peer, stream_id, "{why}: its messages are dropped");
@@ -680,7 +680,8 @@ pub(super) fn install(
     };
     let mut bound = Vec::new();
     for (address, anonymous) in addresses {
-        let listener = crate::transport::Listener::bind(&address).map_err(|e| NodeError::Listen {
+        let quic = config.tls.as_ref().map(crate::tls::TlsContext::quic_server);
+        let listener = crate::transport::Listener::bind(&address, quic).map_err(|e| NodeError::Listen {
             address: address.clone(),
             reason: e.to_string(),
         })?;

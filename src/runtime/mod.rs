@@ -17,11 +17,14 @@
 //! default here is 512 KiB (1.5 MiB locked per shard): the runtime starts as
 //! an ordinary user. Network IO does not use that memory; only file IO does.
 
+use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -410,5 +413,43 @@ mod tests {
             );
             last[i % 2] = Some(i);
         }
+    }
+}
+
+/// A single-threaded notification: every waiter created before a
+/// `notify()` completes.
+#[derive(Default)]
+pub struct Notify {
+    generation: Cell<u64>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Notify {
+    /// Wakes every waiter.
+    pub fn notify(&self) {
+        self.generation.set(self.generation.get() + 1);
+        for waker in self.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Whether `notify` was ever called.
+    pub fn is_set(&self) -> bool {
+        self.generation.get() > 0
+    }
+
+    /// Completes at the next `notify()` after this call.
+    pub fn notified(&self) -> impl Future<Output = ()> + '_ {
+        let start = self.generation.get();
+        std::future::poll_fn(move |cx| {
+            if self.generation.get() != start {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.waiters.borrow_mut();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
     }
 }

@@ -15,6 +15,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -22,6 +23,9 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::address::Address;
+
+pub mod quic;
+pub use quic::{BridgeLink, QuicEndpoint, QuicLink};
 
 /// One connected link, as the connection layer drives it.
 #[allow(async_fn_in_trait)] // shards are single-threaded: no Send bound wanted
@@ -58,6 +62,9 @@ pub enum Handoff {
         /// The peer.
         peer: SocketAddr,
     },
+    /// A connection that stays on its shard (QUIC: the socket is shared by
+    /// many connections); its bytes cross over.
+    Bridged(quic::BridgeEnd),
 }
 
 impl Handoff {
@@ -83,6 +90,7 @@ impl Handoff {
                     inbox: None,
                 }))
             }
+            Handoff::Bridged(end) => Ok(Connected::Bridged(BridgeLink::new(end))),
         }
     }
 }
@@ -243,6 +251,10 @@ pub enum Connected {
     Unix(StreamLink<TcpStream>),
     /// UDP.
     Udp(UdpLink),
+    /// QUIC (one stream of one QUIC connection).
+    Quic(QuicLink),
+    /// A connection served on another shard (see [`Handoff::Bridged`]).
+    Bridged(BridgeLink),
 }
 
 /// Resolves `host:port` to one socket address (the first the resolver gives).
@@ -352,11 +364,14 @@ pub enum Listener {
     Unix(TcpListener),
     /// UDP: one socket, peers told apart by source address.
     Udp(Rc<UdpSocket>),
+    /// QUIC: a server endpoint.
+    Quic(Rc<QuicEndpoint>),
 }
 
 impl Listener {
-    /// Binds `address` on the current shard.
-    pub fn bind(address: &Address) -> io::Result<Listener> {
+    /// Binds `address` on the current shard. `quic`: the server side of
+    /// QUIC (certificate and CA); a `quic://` address needs it.
+    pub fn bind(address: &Address, quic: Option<Arc<quinn_proto::ServerConfig>>) -> io::Result<Listener> {
         match address {
             Address::Tcp { host, port } => {
                 let addr = resolve(host, *port)?;
@@ -380,9 +395,21 @@ impl Listener {
                     .map(|s| Listener::Udp(Rc::new(s)))
                     .map_err(|e| annotate(e, address))
             }
-            Address::Quic { .. } | Address::Mem(_) => Err(io::Error::new(
+            Address::Quic { host, port } => {
+                let config = quic.ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{address}: QUIC needs the node's certificate (NodeConfig::tls)"),
+                    )
+                })?;
+                let addr = resolve(host, *port)?;
+                QuicEndpoint::bind(addr, Some(config))
+                    .map(Listener::Quic)
+                    .map_err(|e| annotate(e, address))
+            }
+            Address::Mem(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!("{address}: not a socket transport of this build"),
+                format!("{address}: not a socket transport"),
             )),
         }
     }
@@ -405,6 +432,10 @@ impl Listener {
                 },
                 None => requested.clone(),
             },
+            (Listener::Quic(e), Address::Quic { host, .. }) => Address::Quic {
+                host: host.clone(),
+                port: e.local_addr().port(),
+            },
             _ => requested.clone(),
         }
     }
@@ -426,6 +457,7 @@ impl Listener {
                 Ok(Connected::Unix(StreamLink::new(stream, "unix:(accepted)".into())))
             }
             Listener::Udp(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "udp has no accept")),
+            Listener::Quic(endpoint) => endpoint.accept().await.map(Connected::Quic),
         }
     }
 }

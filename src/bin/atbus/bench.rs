@@ -33,8 +33,9 @@ use serde::Serialize;
 /// `atbus bench` options.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Transports to measure (repeatable; default: all four).
-    #[arg(long = "transport", value_parser = ["tcp", "unix", "udp", "mem"])]
+    /// Transports to measure (repeatable; default: all five; quic is
+    /// measured beside a raw UDP baseline).
+    #[arg(long = "transport", value_parser = ["tcp", "unix", "udp", "mem", "quic"])]
     transports: Vec<String>,
     /// Payload sizes in bytes (repeatable).
     #[arg(long = "size", alias = "payload", default_values_t = [8usize, 64, 548, 1024, 16384])]
@@ -123,7 +124,7 @@ const PEER_B: &str = "bench-b";
 /// Runs the benchmark; results on stdout, progress on stderr.
 pub fn run(mut args: BenchArgs) -> Result<(), String> {
     if args.transports.is_empty() {
-        args.transports = ["tcp", "unix", "udp", "mem"].map(String::from).to_vec();
+        args.transports = ["tcp", "unix", "udp", "quic", "mem"].map(String::from).to_vec();
     }
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         return Err(format!("--seconds {}: must be above 0", args.seconds));
@@ -277,21 +278,13 @@ struct Pair {
 
 impl Pair {
     fn start(transport: &str, path_window: Option<usize>, e2e: bool) -> Result<Pair, String> {
-        let tls = if e2e {
+        let tls = if e2e || transport == "quic" {
             let issued = libatbus::tls::issue("atbus-bench-ca", &[PEER_A.to_string(), PEER_B.to_string()])
                 .map_err(|e| e.to_string())?;
             let streams = libatbus::tls::E2eStreams::Only([E2E_BULK, E2E_PING].into());
             let mut contexts = Vec::new();
-            for (_, cert, key) in &issued.nodes {
-                contexts.push(
-                    libatbus::tls::TlsContext::from_pem(
-                        cert.as_bytes(),
-                        key.as_bytes(),
-                        issued.ca_cert.as_bytes(),
-                        streams.clone(),
-                    )
-                    .map_err(|e| e.to_string())?,
-                );
+            for name in [PEER_A, PEER_B] {
+                contexts.push(issued.context(name, streams.clone()).map_err(|e| e.to_string())?);
             }
             contexts
         } else {
@@ -302,6 +295,7 @@ impl Pair {
         let (listen_a, listen_b, dir) = match transport {
             "tcp" => ("tcp://127.0.0.1:0".to_string(), "tcp://127.0.0.1:0".to_string(), None),
             "udp" => ("udp://127.0.0.1:0".to_string(), "udp://127.0.0.1:0".to_string(), None),
+            "quic" => ("quic://127.0.0.1:0".to_string(), "quic://127.0.0.1:0".to_string(), None),
             "unix" => {
                 std::fs::create_dir_all(&dir).expect("socket directory");
                 (
@@ -316,7 +310,7 @@ impl Pair {
         let node = |name: &str, listen: &str, core: usize| -> Result<Arc<Node>, String> {
             let mut config = NodeConfig::new(name, &[listen]).map_err(|e| e.to_string())?;
             config.runtime.first_core = core;
-            config.e2e = tls.get(core).cloned();
+            config.tls = tls.get(core).cloned();
             if let Some(window) = path_window {
                 config.stream.path_window = window;
             }
@@ -506,9 +500,18 @@ fn ping(node: &Node, trips: usize, stream: i64, urgent: bool) -> Histogram<u64> 
 
 // ---- raw-socket baselines -------------------------------------------------
 
+/// The bare socket a transport's baseline uses: QUIC runs on UDP, so its
+/// baseline is raw datagrams (no resend, no crypto).
+fn raw_kind(transport: &str) -> &str {
+    match transport {
+        "quic" => "udp",
+        other => other,
+    }
+}
+
 /// Messages/s of the same traffic over a bare socket, and messages lost.
 fn baseline_throughput(transport: &str, payload: usize, messages: u64) -> (f64, u64) {
-    match transport {
+    match raw_kind(transport) {
         "tcp" => {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
             let addr = listener.local_addr().expect("addr");
@@ -619,7 +622,7 @@ fn udp_throughput(payload: usize, messages: u64) -> (f64, u64) {
 /// 64 B ping-pong over a bare socket between two pinned threads.
 fn baseline_rtt(transport: &str, trips: usize) -> Histogram<u64> {
     let total = trips + (trips / 10).max(10);
-    match transport {
+    match raw_kind(transport) {
         "tcp" => {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
             let addr = listener.local_addr().expect("addr");
@@ -751,7 +754,7 @@ fn baseline_under_bulk(transport: &str, trips: usize, rate_mb: f64) -> (Histogra
             thread::sleep(ahead);
         }
     };
-    let (bulk_writer, bulk_reader, echo) = if transport == "udp" {
+    let (bulk_writer, bulk_reader, echo) = if raw_kind(transport) == "udp" {
         let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
         tx.connect(rx.local_addr().expect("addr")).expect("connect");
