@@ -329,6 +329,29 @@ impl E2eStream {
         self.conn.is_handshaking() && self.batch.len() >= RECORD
     }
 
+    /// Takes back the messages sealed but not yet encrypted (the session is
+    /// being dropped: they can go again on a new one).
+    pub fn take_batch(&mut self) -> Vec<Bytes> {
+        let mut batch = Bytes::from(std::mem::take(&mut self.batch));
+        let mut messages = Vec::new();
+        while !batch.is_empty() {
+            let mut peek = &batch[..];
+            let Ok(len) = prost::encoding::decode_varint(&mut peek) else {
+                break;
+            };
+            let header = batch.len() - peek.len();
+            let Ok(len) = usize::try_from(len) else { break };
+            if peek.len() < len {
+                break;
+            }
+            batch.advance(header);
+            messages.push(batch.split_to(len));
+            self.sealed.0 = self.sealed.0.saturating_sub(1);
+            self.sealed.1 = self.sealed.1.saturating_sub(len as u64);
+        }
+        messages
+    }
+
     /// Whether sealed plaintext waits for [`E2eStream::flush`].
     pub fn has_batch(&self) -> bool {
         !self.batch.is_empty()
@@ -588,6 +611,22 @@ mod tests {
         let (mut b, _) = E2eStream::start(&theirs[0], "beta", "alpha").expect("b");
         let (_, back) = feed(&mut b, out).expect("hello");
         assert!(feed(&mut a, back).is_err());
+    }
+
+    #[test]
+    fn unencrypted_batch_can_be_taken_back() {
+        let ctx = contexts(&["alpha", "beta"]);
+        let (mut a, _) = E2eStream::start(&ctx[0], "alpha", "beta").expect("a");
+        for m in [&b"one"[..], b"", &[9u8; 300][..]] {
+            assert!(a.seal(m).expect("seal").is_empty(), "held during the handshake");
+        }
+        let back = a.take_batch();
+        assert_eq!(
+            back,
+            vec![Bytes::from_static(b"one"), Bytes::new(), Bytes::from(vec![9u8; 300])]
+        );
+        assert!(!a.has_batch());
+        assert_eq!(a.sealed, (0, 0));
     }
 
     #[test]

@@ -140,3 +140,43 @@ fn a_peer_outside_the_ca_gets_nothing_through() {
     assert!(plain.recv_timeout(Duration::from_millis(200)).is_none());
     assert!(plain.stats().e2e_failures >= 1, "{:?}", plain.stats());
 }
+
+/// The receiving node restarts in the middle of an encrypted stream: the
+/// sender drops what the old process's TLS session held, starts a new
+/// session with the new process, and later messages arrive decrypted.
+#[test]
+fn an_encrypted_stream_survives_a_peer_restart() {
+    let issued = issue("e2e-restart-ca", &["e2e-ra".into(), "e2e-rb".into()]).expect("certificates");
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("tcp://127.0.0.1:{port}");
+    let start_b = || {
+        let mut config = NodeConfig::new("e2e-rb", &[&listen]).expect("config");
+        config.discovery = DiscoverySource(discovery.clone());
+        config.latency_path = false;
+        config.tls = Some(context(&issued, "e2e-rb", E2eStreams::All));
+        Node::start(config).expect("b")
+    };
+    let b1 = start_b();
+    let a = start("e2e-ra", Some(context(&issued, "e2e-ra", E2eStreams::All)), &discovery);
+    a.add_route("e2e-rb", listen.parse().expect("address")).expect("route");
+    for i in 0..100u32 {
+        a.send("e2e-rb", 1, Bytes::from(format!("before-{i}"))).expect("send");
+    }
+    let got = recv_all(&b1, 100);
+    assert_eq!(&got[99].1[..], b"before-99");
+    b1.stop(Duration::ZERO);
+    drop(b1);
+    let b2 = start_b();
+    for i in 0..100u32 {
+        a.send("e2e-rb", 1, Bytes::from(format!("after-{i}"))).expect("send");
+    }
+    let got = recv_all(&b2, 100);
+    for (i, (stream, data)) in got.iter().enumerate() {
+        assert_eq!((*stream, &data[..]), (1, format!("after-{i}").as_bytes()));
+    }
+    assert_eq!(a.stats().e2e_failures + b2.stats().e2e_failures, 0);
+}

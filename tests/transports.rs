@@ -183,6 +183,31 @@ fn quic_bridged_to_the_home_shard() {
     exchange_between(a, b, 4096);
 }
 
+/// A node that dialled over QUIC before resumes the TLS session: its next
+/// connection's first flight is 0-RTT data, accepted by the server.
+#[test]
+fn quic_reconnect_resumes_with_0rtt() {
+    use std::sync::atomic::Ordering;
+    let tls = identities(&["a-quic-0rtt", "b-quic-0rtt"]);
+    let b = node_tls("b-quic-0rtt", "quic://127.0.0.1:0", 1, Some(tls[1].clone()), 1);
+    let at = b.listen_addresses()[0].clone();
+    let accepted_before = libatbus::transport::quic::ZERO_RTT_ACCEPTED.load(Ordering::Relaxed);
+    for round in 0..2 {
+        // The same identity (and so the same TLS session cache) each time.
+        let a = node_tls("a-quic-0rtt", "quic://127.0.0.1:0", 0, Some(tls[0].clone()), 1);
+        a.add_route("b-quic-0rtt", at.clone()).expect("route");
+        a.send("b-quic-0rtt", 1, Bytes::from(format!("round {round}")))
+            .expect("send");
+        let got = b.recv_timeout(Duration::from_secs(10)).expect("delivered");
+        assert_eq!(&got.data[..], format!("round {round}").as_bytes());
+        a.stop(Duration::from_millis(100));
+    }
+    assert!(
+        libatbus::transport::quic::ZERO_RTT_ACCEPTED.load(Ordering::Relaxed) > accepted_before,
+        "a later connection used 0-RTT"
+    );
+}
+
 /// A QUIC listener needs a certificate: a clear error, not a panic.
 #[test]
 fn quic_without_tls_is_a_clear_error() {

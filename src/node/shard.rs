@@ -237,8 +237,10 @@ impl EndpointState {
                 "the peer encrypts this stream end to end and this node has no TLS configured".into(),
             ));
         };
+        // Disconnected: plaintext waits as it is (the peer may come back as
+        // a new process, which a TLS session sealed now could not reach).
         let full = matches!(self.e2e.get(&stream_id), Some(E2e::Live(stream, _)) if stream.is_full());
-        if full || !self.flush_cipher(stream_id) {
+        if full || self.paths.is_empty() || !self.flush_cipher(stream_id) {
             return Err(crate::stream::SendError::WouldBlock {
                 stream_id,
                 window: self.session.config().send_window,
@@ -286,6 +288,9 @@ impl EndpointState {
     /// Encrypts every stream's batch of sealed messages and hands the
     /// ciphertext to the session.
     fn flush_e2e(&mut self, shard: &ShardState, peer: &str) {
+        if self.paths.is_empty() {
+            return;
+        }
         let ids: Vec<StreamId> = self.e2e.keys().copied().collect();
         for id in ids {
             let flushed = match self.e2e.get_mut(&id) {
@@ -394,6 +399,35 @@ impl Endpoint {
         if st.incarnation.is_some_and(|known| known != incarnation) {
             tracing::info!(peer = %self.peer, "peer restarted: resending unacknowledged data from the start");
             st.session.peer_restarted();
+            // An encrypted stream's retained bytes belong to a TLS session
+            // the new process does not have: drop them (reported) and let
+            // the next message start a new session.
+            let encrypted: Vec<StreamId> = st.e2e.keys().copied().collect();
+            for stream_id in encrypted {
+                let (chunks, bytes) = st.session.abandon_stream(stream_id);
+                // Messages not encrypted yet go again, first, on the new
+                // session.
+                if let Some(E2e::Live(mut stream, _)) = st.e2e.remove(&stream_id) {
+                    let again = stream.take_batch();
+                    if !again.is_empty() {
+                        let queue = st.pending.entry(stream_id).or_default();
+                        for data in again.into_iter().rev() {
+                            queue.push_front((data, false));
+                        }
+                    }
+                }
+                if chunks > 0 {
+                    shard.shared.report_undelivered(super::Undelivered {
+                        to: self.peer.clone(),
+                        stream_id,
+                        messages: chunks,
+                        bytes,
+                        reason: "the peer restarted during an end-to-end encrypted stream; unacknowledged \
+                                 encrypted chunks (each one or more messages) were dropped"
+                            .into(),
+                    });
+                }
+            }
         }
         st.incarnation = Some(incarnation);
         st.session.add_path(id, config);

@@ -310,6 +310,24 @@ impl Session {
         dropped
     }
 
+    /// Drops one stream's unacknowledged data (as [`Session::abandon`] does
+    /// for all): returns the messages and bytes dropped. The stream's
+    /// offsets go on, its next packet with RESET_OFFSET.
+    pub fn abandon_stream(&mut self, stream_id: StreamId) -> (u64, u64) {
+        let Some(stream) = self.send.get_mut(&stream_id) else {
+            return (0, 0);
+        };
+        let dropped = stream.abandon();
+        for path in self.paths.values_mut() {
+            let before = path.in_flight.len();
+            path.in_flight.retain(|sent| sent.stream_id != stream_id);
+            if path.in_flight.len() != before {
+                path.in_flight_bytes = path.in_flight.iter().map(|s| s.bytes).sum();
+            }
+        }
+        dropped
+    }
+
     /// Whether every stream's data has been acknowledged by the peer.
     pub fn is_drained(&self) -> bool {
         self.send.values().all(SendStream::is_drained)

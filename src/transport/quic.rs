@@ -28,6 +28,13 @@ use quinn_proto::{
 use super::{Handoff, Link};
 use crate::runtime::Notify;
 
+/// Client connections that sent their first bytes as 0-RTT data (TLS
+/// session resumption), and how many of those the server accepted; for
+/// tests and benchmarks.
+pub static ZERO_RTT_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// See [`ZERO_RTT_SENT`].
+pub static ZERO_RTT_ACCEPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Largest UDP payload read at once.
 const DATAGRAM: usize = 65_536;
 /// Chunks in flight between a connection's shard and its peer's home shard,
@@ -55,6 +62,8 @@ pub struct QuicConn {
     endpoint: Weak<QuicEndpoint>,
     stream: Cell<Option<StreamId>>,
     connected: Cell<bool>,
+    /// A client connection writing 0-RTT data before the handshake is done.
+    zero_rtt: Cell<bool>,
     /// The peer acknowledged everything we sent on the stream after FIN.
     send_done: Cell<bool>,
     /// Why it ended, once it did.
@@ -109,7 +118,10 @@ impl QuicEndpoint {
     }
 
     /// Dials `remote` (certificate must name `server_name`) and opens the
-    /// stream; completes when the QUIC handshake has.
+    /// stream; completes when the QUIC handshake has, or at once when TLS
+    /// resumes an earlier session: the first bytes then go as 0-RTT data (if
+    /// the server refuses them the connection ends and is dialled again; the
+    /// bus's own handshake refuses replays of such a flight).
     pub async fn connect(
         self: &Rc<Self>,
         remote: SocketAddr,
@@ -126,6 +138,11 @@ impl QuicEndpoint {
         let stream = conn.conn.borrow_mut().streams().open(Dir::Bi);
         conn.stream.set(stream);
         self.wake.notify();
+        if conn.conn.borrow().has_0rtt() {
+            conn.zero_rtt.set(true);
+            ZERO_RTT_SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(QuicLink::new(conn));
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(reason) = conn.lost.borrow().clone() {
@@ -166,6 +183,7 @@ impl QuicEndpoint {
             endpoint: Rc::downgrade(self),
             stream: Cell::new(None),
             connected: Cell::new(false),
+            zero_rtt: Cell::new(false),
             send_done: Cell::new(false),
             lost: RefCell::new(None),
             changed: Notify::default(),
@@ -233,7 +251,24 @@ impl QuicEndpoint {
                 while let Some(event) = c.poll() {
                     changed = true;
                     match event {
-                        Event::Connected => conn.connected.set(true),
+                        Event::Connected => {
+                            conn.connected.set(true);
+                            if conn.zero_rtt.replace(false) {
+                                if c.accepted_0rtt() {
+                                    ZERO_RTT_ACCEPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                } else {
+                                    // What went as 0-RTT is lost: end the
+                                    // connection, the bus dials again and
+                                    // resends.
+                                    *conn.lost.borrow_mut() = Some("0-RTT data refused by the server".into());
+                                    c.close(
+                                        now,
+                                        quinn_proto::VarInt::from_u32(0),
+                                        Bytes::from_static(b"0-RTT refused"),
+                                    );
+                                }
+                            }
+                        }
                         Event::ConnectionLost { reason } => {
                             *conn.lost.borrow_mut() = Some(reason.to_string());
                         }
