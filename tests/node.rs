@@ -331,8 +331,12 @@ fn an_unreachable_peer_is_given_up_on() {
     let late = Node::start(late).expect("late peer starts");
     node.send("giveup-peer", 2, Bytes::from_static(b"later"))
         .expect("accepted");
+    // 30 s: TCP listeners use SO_REUSEPORT, so a node of a test running in
+    // parallel may share this port by chance; the dialler then meets the
+    // wrong node now and then (refused: "expected peer ...") and retries
+    // with backoff up to 2 s.
     let message = late
-        .recv_timeout(Duration::from_secs(10))
+        .recv_timeout(Duration::from_secs(30))
         .expect("delivered once the peer is up");
     assert_eq!(&message.data[..], b"later");
     assert!(

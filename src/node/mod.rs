@@ -580,6 +580,8 @@ struct Shared {
     /// A shard holds messages because the application queue was full.
     app_blocked: AtomicBool,
     send_queues: Vec<ArrayQueue<Outgoing>>,
+    /// Per shard: urgent messages from other threads, drained first.
+    urgent_queues: Vec<ArrayQueue<Outgoing>>,
     /// Per shard: a drain of its send queue is scheduled and has not started
     /// yet (one job and one wake-up per burst, not per message).
     drain_scheduled: Vec<AtomicBool>,
@@ -826,6 +828,7 @@ impl Node {
         let (urgent_tx, urgent_rx) = crossbeam_channel::bounded(config.recv_queue);
         let shards = runtime.shards().to_vec();
         let send_queues = shards.iter().map(|_| ArrayQueue::new(config.send_queue)).collect();
+        let urgent_queues = shards.iter().map(|_| ArrayQueue::new(config.send_queue)).collect();
         let shards_len = shards.len();
         let (undelivered_tx, undelivered_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
@@ -846,6 +849,7 @@ impl Node {
             urgent_rx,
             app_blocked: AtomicBool::new(false),
             send_queues,
+            urgent_queues,
             drain_scheduled: (0..shards_len).map(|_| AtomicBool::new(false)).collect(),
             writable: Writable::default(),
             mem_waiters: Mutex::new(Vec::new()),
@@ -1114,7 +1118,12 @@ impl Node {
                     data,
                     urgent,
                 };
-                if let Err(outgoing) = self.shared.send_queues[home].push(outgoing) {
+                let inbox = if urgent {
+                    &self.shared.urgent_queues[home]
+                } else {
+                    &self.shared.send_queues[home]
+                };
+                if let Err(outgoing) = inbox.push(outgoing) {
                     queued.fetch_sub(len, Ordering::AcqRel);
                     drop(outgoing);
                     return Ok(Err(SendError::WouldBlock {

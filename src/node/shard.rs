@@ -833,7 +833,14 @@ pub(super) fn send_local(
     Some(result)
 }
 
-/// Moves messages from the cross-thread queue into their sessions.
+/// Bulk messages moved between two looks at the urgent queue.
+const URGENT_CHECK: usize = 32;
+
+/// Moves messages from the cross-thread queues into their sessions: urgent
+/// ones first, and sent on at once; then bulk ones, looking at the urgent
+/// queue every few messages. (A budget per job, yielding to the
+/// connections' tasks, cost 15 % of tcp 64 B throughput and gained nothing
+/// measurable for the latency class under bulk: not kept.)
 pub(super) fn drain_send_queue() {
     let Some(state) = local() else {
         return;
@@ -841,23 +848,118 @@ pub(super) fn drain_send_queue() {
     // Cleared before popping: a message pushed after the last pop schedules
     // another drain.
     state.shared.drain_scheduled[state.index].store(false, Ordering::Release);
-    let queue = &state.shared.send_queues[state.index];
-    let mut touched: Vec<Rc<Endpoint>> = Vec::new();
-    let mut freed = false;
-    let mut dropped: BTreeMap<(Arc<str>, StreamId), (u64, u64)> = BTreeMap::new();
-    let any_forgotten = !state.forgotten.borrow().is_empty();
-    while let Some(outgoing) = queue.pop() {
-        freed = true;
+    let mut drain = Drain {
+        state: &state,
+        touched: Vec::new(),
+        dropped: BTreeMap::new(),
+        any_forgotten: !state.forgotten.borrow().is_empty(),
+        freed: false,
+    };
+    let urgent = &state.shared.urgent_queues[state.index];
+    let bulk = &state.shared.send_queues[state.index];
+    loop {
+        if !urgent.is_empty() {
+            // Out now, ahead of the bulk moved so far.
+            let before = std::mem::take(&mut drain.touched);
+            while let Some(outgoing) = urgent.pop() {
+                drain.take(outgoing);
+            }
+            for endpoint in std::mem::replace(&mut drain.touched, before) {
+                endpoint.drive(&state);
+            }
+        }
+        let mut batch = 0;
+        while batch < URGENT_CHECK {
+            let Some(outgoing) = bulk.pop() else { break };
+            drain.take(outgoing);
+            batch += 1;
+        }
+        if batch < URGENT_CHECK && urgent.is_empty() {
+            break;
+        }
+    }
+    let Drain {
+        touched,
+        dropped,
+        freed,
+        ..
+    } = drain;
+    for endpoint in touched {
+        endpoint.drive(&state);
+    }
+    let left = !bulk.is_empty() || !urgent.is_empty();
+    if left && !state.shared.drain_scheduled[state.index].swap(true, Ordering::AcqRel) {
+        state.shared.shards[state.index].submit(drain_send_queue);
+    }
+    report_dropped(&state, dropped);
+    if freed {
+        state.shared.notify_writable();
+    }
+}
+
+/// Moves everything queued for this shard into sessions, without a budget
+/// (the node is stopping).
+fn drain_all(state: &Rc<ShardState>) {
+    let mut drain = Drain {
+        state,
+        touched: Vec::new(),
+        dropped: BTreeMap::new(),
+        any_forgotten: !state.forgotten.borrow().is_empty(),
+        freed: false,
+    };
+    for queue in [
+        &state.shared.urgent_queues[state.index],
+        &state.shared.send_queues[state.index],
+    ] {
+        while let Some(outgoing) = queue.pop() {
+            drain.take(outgoing);
+        }
+    }
+    report_dropped(state, drain.dropped);
+}
+
+/// Reports messages a drain dropped for peers gone for good.
+fn report_dropped(state: &ShardState, dropped: BTreeMap<(Arc<str>, StreamId), (u64, u64)>) {
+    for ((to, stream_id), (messages, bytes)) in dropped {
+        state.shared.report_undelivered(super::Undelivered {
+            to,
+            stream_id,
+            messages,
+            bytes,
+            reason: "the peer is gone for good (its route was dropped)".into(),
+        });
+    }
+}
+
+/// One drain job's bookkeeping.
+struct Drain<'a> {
+    state: &'a Rc<ShardState>,
+    /// Endpoints given messages, to drive once.
+    touched: Vec<Rc<Endpoint>>,
+    /// Messages for peers gone for good, per stream.
+    dropped: BTreeMap<(Arc<str>, StreamId), (u64, u64)>,
+    any_forgotten: bool,
+    freed: bool,
+}
+
+impl Drain<'_> {
+    /// Hands one message to its endpoint's session (or holds it there).
+    fn take(&mut self, outgoing: super::Outgoing) {
+        let state = self.state;
+        self.freed = true;
         let len = outgoing.data.len();
-        if any_forgotten && state.forgotten.borrow().contains(&outgoing.to) {
-            let entry = dropped.entry((outgoing.to.clone(), outgoing.stream_id)).or_default();
+        if self.any_forgotten && state.forgotten.borrow().contains(&outgoing.to) {
+            let entry = self
+                .dropped
+                .entry((outgoing.to.clone(), outgoing.stream_id))
+                .or_default();
             entry.0 += 1;
             // Its byte counter went with the dropped route.
             entry.1 += len as u64;
-            continue;
+            return;
         }
         let endpoint = state.endpoint(&outgoing.to);
-        match endpoint.send(&state, outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
+        match endpoint.send(state, outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
             Ok(()) => {
                 release(&endpoint.queued.borrow()[usize::from(outgoing.urgent)], len);
             }
@@ -877,24 +979,9 @@ pub(super) fn drain_send_queue() {
                 tracing::warn!(peer = %outgoing.to, "message refused by the stream layer: {e}");
             }
         }
-        if !touched.iter().any(|t| Rc::ptr_eq(t, &endpoint)) {
-            touched.push(endpoint);
+        if !self.touched.iter().any(|t| Rc::ptr_eq(t, &endpoint)) {
+            self.touched.push(endpoint);
         }
-    }
-    for endpoint in touched {
-        endpoint.drive(&state);
-    }
-    for ((to, stream_id), (messages, bytes)) in dropped {
-        state.shared.report_undelivered(super::Undelivered {
-            to,
-            stream_id,
-            messages,
-            bytes,
-            reason: "the peer is gone for good (its route was dropped)".into(),
-        });
-    }
-    if freed {
-        state.shared.notify_writable();
     }
 }
 
@@ -945,15 +1032,20 @@ pub(super) fn shutdown(linger: Duration, done: crossbeam_channel::Sender<()>) {
         // (what is left after `linger` is reported as undelivered).
         loop {
             let endpoints: Vec<Rc<Endpoint>> = state.endpoints.borrow().values().cloned().collect();
-            let busy = endpoints.iter().any(|e| {
-                let st = e.state.borrow();
-                !st.session.is_drained() || !st.pending.is_empty()
-            });
+            let inbox_empty =
+                state.shared.send_queues[state.index].is_empty() && state.shared.urgent_queues[state.index].is_empty();
+            let busy = !inbox_empty
+                || endpoints.iter().any(|e| {
+                    let st = e.state.borrow();
+                    !st.session.is_drained() || !st.pending.is_empty()
+                });
             if !busy || Instant::now() >= deadline {
                 break;
             }
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
+        // Messages still queued go into their sessions, to be reported below.
+        drain_all(&state);
         let reason = crate::proto::CloseReasonData {
             code: crate::proto::AtbusCloseReason::Shutdown as i32,
             message: "node stopping".into(),
