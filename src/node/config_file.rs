@@ -11,6 +11,7 @@
 //! auth: { tokens: [s3cret-2026, s3cret-2025], clock_skew_s: 300, zero_rtt: true }
 //! anonymous_listen: [tcp://0.0.0.0:7100]  # also admits anonymous clients
 //! tls: { cert: alpha.pem, key: alpha.key, ca: ca.pem, e2e: [1, 2] }  # e2e: all | none | ids
+//! admin: 127.0.0.1:9100            # /metrics /healthz /readyz /safe-to-delete /connections
 //! ```
 //!
 //! Every key is optional but `name`; unknown keys are errors (a typo never
@@ -66,6 +67,8 @@ pub struct NodeFile {
     pub anonymous_listen: Vec<String>,
     /// Certificates for end-to-end stream encryption and QUIC.
     pub tls: Option<TlsFile>,
+    /// Admin HTTP endpoint, `host:port`.
+    pub admin: Option<String>,
 }
 
 /// `tls:` — see [`crate::tls`]. Paths are relative to the config file.
@@ -288,6 +291,12 @@ impl NodeFile {
             })?;
             config.tls = Some(context);
         }
+        if let Some(admin) = &self.admin {
+            config.admin = Some(admin.parse().map_err(|e| NodeError::Config {
+                field: "admin",
+                reason: format!("{admin:?}: {e} (expected ip:port)"),
+            })?);
+        }
         config.validate()?;
         config.discovery = open_discovery(self.discovery, base)?;
         Ok(config)
@@ -398,6 +407,7 @@ mod tests {
             ("name: a\nauth: { tokens: [\"\"] }\n", "auth.tokens"),
             ("name: a\nauth: { clock_skew_s: 0 }\n", "auth.clock_skew"),
             ("name: a\nauth: { token: x }\n", "token"),
+            ("name: a\nadmin: localhost\n", "admin"),
             (
                 "name: a\ntls: { cert: /nonexistent/a.pem, key: k, ca: c }\n",
                 "/nonexistent/a.pem",

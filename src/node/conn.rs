@@ -1177,7 +1177,11 @@ fn handle_frame(
         }
         Some(Body::Pong(pong)) => {
             let sent = epoch + Duration::from_micros(u64::try_from(pong.timepoint_microseconds).unwrap_or(0));
-            tracing::trace!(peer = %endpoint.peer, rtt = ?now.saturating_duration_since(sent), "pong");
+            let rtt = now.saturating_duration_since(sent);
+            state.shared.shard_metrics[state.index]
+                .rtt_ms
+                .observe(rtt.as_secs_f64() * 1000.0);
+            tracing::trace!(peer = %endpoint.peer, ?rtt, "pong");
             return Ok(());
         }
         _ => {}

@@ -19,9 +19,12 @@
 //! Same-process peers (`mem://name`) get each message's `Bytes` through the
 //! peer's receive queue: no encoding, no copy, no socket.
 
+#[cfg(feature = "admin")]
+mod admin;
 mod config_file;
 mod conn;
 mod mem;
+pub mod metrics;
 pub mod routing;
 mod shard;
 
@@ -127,6 +130,10 @@ pub struct NodeConfig {
     /// [`crate::tls::E2eStreams`]) and for `quic://`. `None`: streams are
     /// plain, a peer's encrypted stream is refused, and QUIC is off.
     pub tls: Option<crate::tls::TlsContext>,
+    /// Address of the admin HTTP endpoint (`/metrics`, `/healthz`,
+    /// `/readyz`, `/safe-to-delete`, `/connections`; feature `admin`).
+    /// `None`: no endpoint.
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 /// A discovery backend shared by nodes (see [`NodeConfig::discovery`]).
@@ -189,6 +196,7 @@ impl Default for NodeConfig {
             auth: crate::auth::AuthConfig::default(),
             anonymous_listen: Vec::new(),
             tls: None,
+            admin: None,
         }
     }
 }
@@ -600,6 +608,8 @@ struct Shared {
     record: std::sync::OnceLock<NodeRecord>,
     /// Tokens, replay cache, ticket keys, tickets held.
     auth: crate::auth::Authority,
+    /// Per shard: what it counted (see [`metrics`]).
+    shard_metrics: Vec<metrics::ShardMetrics>,
     undelivered_tx: Sender<Undelivered>,
     undelivered_rx: Receiver<Undelivered>,
 }
@@ -611,6 +621,80 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    fn stats(&self) -> NodeStats {
+        let c = &self.counters;
+        NodeStats {
+            connections_established: c.established.load(Ordering::Relaxed),
+            connections_closed: c.closed.load(Ordering::Relaxed),
+            closed_bad_frame: c.closed_bad_frame.load(Ordering::Relaxed),
+            bad_frames: c.bad_frames.load(Ordering::Relaxed),
+            handshake_failures: c.handshake_failures.load(Ordering::Relaxed),
+            auth_failures: c.auth_failures.load(Ordering::Relaxed),
+            e2e_failures: c.e2e_failures.load(Ordering::Relaxed),
+            messages_received: c.received.load(Ordering::Relaxed),
+            queued: (self.app_rx.len() + self.urgent_rx.len()) as u64,
+        }
+    }
+
+    fn connected_peers(&self) -> Vec<String> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for shard in &self.shards {
+            let tx = tx.clone();
+            shard.submit(move || {
+                let _ = tx.send(shard::connected_peers());
+            });
+        }
+        drop(tx);
+        let mut names: Vec<String> = rx.iter().take(self.shards.len()).flatten().collect();
+        names.sort();
+        names
+    }
+
+    fn metrics_text(&self) -> String {
+        metrics::encode_text(&self.name, &self.shard_metrics, &self.stats())
+    }
+
+    fn is_ready(&self) -> bool {
+        self.record.get().is_some() && !self.stopping.load(Ordering::Acquire)
+    }
+
+    fn unsafe_to_delete(&self, timeout: Duration) -> Vec<String> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for shard in &self.shards {
+            let tx = tx.clone();
+            shard.submit(move || {
+                let _ = tx.send(shard::busy_reasons());
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + timeout;
+        let mut reasons = Vec::new();
+        for index in 0..self.shards.len() {
+            match rx.recv_deadline(deadline) {
+                Ok(found) => reasons.extend(found),
+                Err(_) => {
+                    reasons.push(format!(
+                        "{} shard(s) did not answer within {timeout:?}",
+                        self.shards.len() - index
+                    ));
+                    break;
+                }
+            }
+        }
+        reasons
+    }
+
+    fn route_to(&self, peer: &str) -> Option<RouteInfo> {
+        let peers = self.peers.read().ok()?;
+        Some(match peers.get(peer)? {
+            Route::Mem(_) => RouteInfo::Mem,
+            Route::Shard { learned, .. } => {
+                RouteInfo::Dial(learned.as_deref().map(<[Address]>::to_vec).unwrap_or_default())
+            }
+            Route::Group(members) => RouteInfo::Group(members.iter().map(ToString::to_string).collect()),
+        })
+    }
+
     fn home_shard(&self, name: &str) -> usize {
         (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % self.shards.len() as u64) as usize
     }
@@ -817,6 +901,8 @@ impl Shared {
 pub struct Node {
     shared: Arc<Shared>,
     runtime: Mutex<Option<Runtime>>,
+    #[cfg(feature = "admin")]
+    admin: Mutex<Option<admin::AdminServer>>,
 }
 
 impl Node {
@@ -860,6 +946,7 @@ impl Node {
             discovery: config.discovery.0.clone(),
             record: std::sync::OnceLock::new(),
             auth: crate::auth::Authority::new(config.auth.clone()),
+            shard_metrics: (0..shards_len).map(|_| metrics::ShardMetrics::default()).collect(),
             undelivered_tx,
             undelivered_rx,
             config,
@@ -867,6 +954,8 @@ impl Node {
         let node = Node {
             shared: shared.clone(),
             runtime: Mutex::new(Some(runtime)),
+            #[cfg(feature = "admin")]
+            admin: Mutex::new(None),
         };
         // Shard 0 first (it picks the ports), then the others.
         let mut shard0: Option<Vec<Address>> = None;
@@ -924,20 +1013,47 @@ impl Node {
                 node.stop(Duration::ZERO);
                 NodeError::Runtime(RuntimeError::Wakeup { shard: 0, source: e })
             })?;
+        if let Some(address) = shared.config.admin {
+            #[cfg(feature = "admin")]
+            match admin::start(&shared, address) {
+                Ok(server) => {
+                    if let Ok(mut slot) = node.admin.lock() {
+                        *slot = Some(server);
+                    }
+                }
+                Err(e) => {
+                    node.stop(Duration::ZERO);
+                    return Err(e);
+                }
+            }
+            #[cfg(not(feature = "admin"))]
+            {
+                node.stop(Duration::ZERO);
+                return Err(NodeError::Config {
+                    field: "admin",
+                    reason: format!("{address}: this build has no admin endpoint (feature `admin`)"),
+                });
+            }
+        }
         Ok(node)
+    }
+
+    /// The admin endpoint's bound address, when it runs.
+    pub fn admin_address(&self) -> Option<std::net::SocketAddr> {
+        #[cfg(feature = "admin")]
+        {
+            self.admin.lock().ok()?.as_ref().map(|a| a.address)
+        }
+        #[cfg(not(feature = "admin"))]
+        {
+            None
+        }
     }
 
     /// How this node reaches `peer` now, if it has a route (routes are made
     /// on the first send to a name, or by [`Node::add_route`]).
     pub fn route_to(&self, peer: &str) -> Option<RouteInfo> {
-        let peers = self.shared.peers.read().ok()?;
-        Some(match peers.get(peer)? {
-            Route::Mem(_) => RouteInfo::Mem,
-            Route::Shard { learned, .. } => {
-                RouteInfo::Dial(learned.as_deref().map(<[Address]>::to_vec).unwrap_or_default())
-            }
-            Route::Group(members) => RouteInfo::Group(members.iter().map(ToString::to_string).collect()),
-        })
+        self.shared.route_to(peer)
     }
 
     /// This node's discovery record, as published but without its tokens
@@ -972,6 +1088,26 @@ impl Node {
                 })?;
         }
         Ok(())
+    }
+
+    /// The node's metrics in the Prometheus text format (what the admin
+    /// endpoint's `/metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics_text()
+    }
+
+    /// Whether the node is up: listeners bound, record published, not
+    /// stopping.
+    pub fn is_ready(&self) -> bool {
+        self.shared.is_ready()
+    }
+
+    /// Why this node may not be deleted now (empty: it may): messages
+    /// queued for a shard, or streams whose data a peer has not
+    /// acknowledged. Asks every shard; a shard that does not answer within
+    /// `timeout` counts as busy.
+    pub fn unsafe_to_delete(&self, timeout: Duration) -> Vec<String> {
+        self.shared.unsafe_to_delete(timeout)
     }
 
     /// The temporary name `peer` gave this node when it dialled it
@@ -1269,33 +1405,12 @@ impl Node {
 
     /// Lifetime counters.
     pub fn stats(&self) -> NodeStats {
-        let c = &self.shared.counters;
-        NodeStats {
-            connections_established: c.established.load(Ordering::Relaxed),
-            connections_closed: c.closed.load(Ordering::Relaxed),
-            closed_bad_frame: c.closed_bad_frame.load(Ordering::Relaxed),
-            bad_frames: c.bad_frames.load(Ordering::Relaxed),
-            handshake_failures: c.handshake_failures.load(Ordering::Relaxed),
-            auth_failures: c.auth_failures.load(Ordering::Relaxed),
-            e2e_failures: c.e2e_failures.load(Ordering::Relaxed),
-            messages_received: c.received.load(Ordering::Relaxed),
-            queued: (self.shared.app_rx.len() + self.shared.urgent_rx.len()) as u64,
-        }
+        self.shared.stats()
     }
 
     /// Names of the peers with a live connection.
     pub fn connected_peers(&self) -> Vec<String> {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        for shard in &self.shared.shards {
-            let tx = tx.clone();
-            shard.submit(move || {
-                let _ = tx.send(shard::connected_peers());
-            });
-        }
-        drop(tx);
-        let mut names: Vec<String> = rx.iter().take(self.shared.shards.len()).flatten().collect();
-        names.sort();
-        names
+        self.shared.connected_peers()
     }
 
     /// Stops gracefully: every connection is closed with SHUTDOWN after
@@ -1303,6 +1418,12 @@ impl Node {
     pub fn stop(&self, linger: Duration) {
         if self.shared.stopping.swap(true, Ordering::AcqRel) {
             return;
+        }
+        #[cfg(feature = "admin")]
+        if let Ok(mut admin) = self.admin.lock()
+            && let Some(mut server) = admin.take()
+        {
+            server.stop();
         }
         // Withdrawn first: peers stop routing here before connections close.
         if self.shared.record.get().is_some()

@@ -82,6 +82,7 @@ impl ShardState {
     }
 
     fn deliver(&self, message: Message, urgent: bool) {
+        self.shared.shard_metrics[self.index].received(message.data.len());
         let mut undelivered = self.undelivered[usize::from(urgent)].borrow_mut();
         if !undelivered.is_empty() {
             undelivered.push_back(message);
@@ -828,9 +829,30 @@ pub(super) fn send_local(
             },
         });
     if result.is_ok() {
+        state.shared.shard_metrics[state.index].sent(data.len());
         endpoint.drive(&state);
     }
     Some(result)
+}
+
+/// Why this shard's part of the node is not safe to delete (see
+/// [`super::Node::unsafe_to_delete`]).
+pub(super) fn busy_reasons() -> Vec<String> {
+    let Some(state) = local() else {
+        return Vec::new();
+    };
+    let mut reasons = Vec::new();
+    let queued = state.shared.send_queues[state.index].len() + state.shared.urgent_queues[state.index].len();
+    if queued > 0 {
+        reasons.push(format!("shard {}: {queued} message(s) not yet taken", state.index));
+    }
+    for endpoint in state.endpoints.borrow().values() {
+        let st = endpoint.state.borrow();
+        if !st.session.is_drained() || !st.pending.is_empty() {
+            reasons.push(format!("{}: data not acknowledged yet", endpoint.peer));
+        }
+    }
+    reasons
 }
 
 /// Bulk messages moved between two looks at the urgent queue.
@@ -959,11 +981,14 @@ impl Drain<'_> {
             return;
         }
         let endpoint = state.endpoint(&outgoing.to);
+        let metrics = &state.shared.shard_metrics[state.index];
         match endpoint.send(state, outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
             Ok(()) => {
+                metrics.sent(len);
                 release(&endpoint.queued.borrow()[usize::from(outgoing.urgent)], len);
             }
             Err(crate::stream::SendError::WouldBlock { .. }) => {
+                metrics.sent(len);
                 // Accepted already: held until the window opens (still
                 // counted in `queued`, which bounds it).
                 endpoint
