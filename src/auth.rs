@@ -520,10 +520,16 @@ impl Authority {
         &self.config
     }
 
-    /// Replaces the tokens (rotation). Tickets stay valid until they expire.
+    /// Replaces the tokens (rotation). The ticket keys are replaced too:
+    /// a ticket earned with a token that is no longer accepted must not
+    /// outlive it (a token is often rotated because it leaked). Dialers
+    /// holding tickets fall back to one full handshake.
     pub fn set_tokens(&self, tokens: &[String]) {
         if let Ok(mut t) = self.tokens.lock() {
             *t = tokens.iter().map(|t| t.as_bytes().to_vec()).collect();
+        }
+        if let Ok(mut keys) = self.keys.lock() {
+            *keys = TicketKeys::new(&self.rng, self.config.ticket_lifetime, now_micros());
         }
     }
 
@@ -1005,6 +1011,22 @@ mod tests {
             c.accept(Some(&auth), "a", "b", 7, false, false, now + 22 * S),
             Err(AuthError::Ticket("issued under a retired key"))
         );
+    }
+
+    #[test]
+    fn rotating_tokens_retires_tickets() {
+        let (a, b) = (authority(&["old"]), authority(&["old"]));
+        let now = now_micros();
+        full(&a, &b, now).expect("full");
+        b.set_tokens(&["old".into(), "new".into()]);
+        let (auth, _) = a.dial("a", "b", 7, false, true, now);
+        assert!(!auth.ticket.is_empty(), "a ticket was held");
+        assert_eq!(
+            b.accept(Some(&auth), "a", "b", 7, false, false, now),
+            Err(AuthError::Ticket("issued under a retired key"))
+        );
+        // A full handshake with a token still accepted works.
+        assert!(full(&a, &b, now).is_ok());
     }
 
     #[test]

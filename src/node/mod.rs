@@ -1065,7 +1065,8 @@ impl Node {
     /// Replaces the tokens this node accepts and signs with, and publishes
     /// them in its record (rotation: add the new token on every node, then
     /// remove the old one; both are valid in between). Connections already
-    /// up stay; resumption tickets stay valid until they expire.
+    /// up stay; resumption tickets issued so far are retired (their holders
+    /// redial once with a full handshake).
     pub fn set_tokens(&self, tokens: &[String]) -> Result<(), NodeError> {
         if tokens.iter().any(String::is_empty) {
             return Err(NodeError::Config {
