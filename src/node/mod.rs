@@ -636,16 +636,31 @@ impl Shared {
         }
     }
 
-    fn connected_peers(&self) -> Vec<String> {
+    /// Runs `job` on every shard; the answers that came by `deadline`, and
+    /// how many shards did not answer (a stopped shard drops the job).
+    fn ask_shards<T: Send + 'static>(&self, job: fn() -> T, deadline: Instant) -> (Vec<T>, usize) {
         let (tx, rx) = crossbeam_channel::unbounded();
         for shard in &self.shards {
             let tx = tx.clone();
             shard.submit(move || {
-                let _ = tx.send(shard::connected_peers());
+                let _ = tx.send(job());
             });
         }
         drop(tx);
-        let mut names: Vec<String> = rx.iter().take(self.shards.len()).flatten().collect();
+        let mut answers = Vec::with_capacity(self.shards.len());
+        while answers.len() < self.shards.len() {
+            match rx.recv_deadline(deadline) {
+                Ok(answer) => answers.push(answer),
+                Err(_) => break,
+            }
+        }
+        let missing = self.shards.len() - answers.len();
+        (answers, missing)
+    }
+
+    fn connected_peers(&self) -> Vec<String> {
+        let (answers, _) = self.ask_shards(shard::connected_peers, Instant::now() + Duration::from_secs(10));
+        let mut names: Vec<String> = answers.into_iter().flatten().collect();
         names.sort();
         names
     }
@@ -659,27 +674,10 @@ impl Shared {
     }
 
     fn unsafe_to_delete(&self, timeout: Duration) -> Vec<String> {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        for shard in &self.shards {
-            let tx = tx.clone();
-            shard.submit(move || {
-                let _ = tx.send(shard::busy_reasons());
-            });
-        }
-        drop(tx);
-        let deadline = Instant::now() + timeout;
-        let mut reasons = Vec::new();
-        for index in 0..self.shards.len() {
-            match rx.recv_deadline(deadline) {
-                Ok(found) => reasons.extend(found),
-                Err(_) => {
-                    reasons.push(format!(
-                        "{} shard(s) did not answer within {timeout:?}",
-                        self.shards.len() - index
-                    ));
-                    break;
-                }
-            }
+        let (answers, missing) = self.ask_shards(shard::busy_reasons, Instant::now() + timeout);
+        let mut reasons: Vec<String> = answers.into_iter().flatten().collect();
+        if missing > 0 {
+            reasons.push(format!("{missing} shard(s) did not answer within {timeout:?}"));
         }
         reasons
     }
