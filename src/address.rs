@@ -1,5 +1,5 @@
 //! Endpoint addresses: `scheme://host:port`, `unix:///path`, `unix://@name`,
-//! `mem://name`.
+//! `mem://name`, and `relay://name` (through the relay of that name).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -35,6 +35,9 @@ pub enum Address {
     UnixAbstract(String),
     /// Same-process endpoint.
     Mem(String),
+    /// Through the relay node of this name (a tunnel inside this node's
+    /// connection to it); dialled only, never listened on or published.
+    Relay(String),
 }
 
 /// Why an address string was refused.
@@ -45,7 +48,7 @@ pub enum AddressError {
     #[error("address {0:?} has no scheme (expected scheme://...)")]
     NoScheme(String),
     /// A scheme this build does not know.
-    #[error("address {address:?}: unknown scheme {scheme:?} (tcp, ipv4, ipv6, udp, quic, unix, mem)")]
+    #[error("address {address:?}: unknown scheme {scheme:?} (tcp, ipv4, ipv6, udp, quic, unix, mem, relay)")]
     UnknownScheme {
         /// The address.
         address: String,
@@ -90,6 +93,8 @@ impl FromStr for Address {
             },
             "mem" if rest.is_empty() => Err(AddressError::Empty(address.to_string())),
             "mem" => Ok(Self::Mem(rest.to_string())),
+            "relay" if rest.is_empty() => Err(AddressError::Empty(address.to_string())),
+            "relay" => Ok(Self::Relay(rest.to_string())),
             other => Err(AddressError::UnknownScheme {
                 address: address.to_string(),
                 scheme: other.to_string(),
@@ -121,6 +126,7 @@ impl fmt::Display for Address {
             Self::Unix(path) => write!(f, "unix://{}", path.display()),
             Self::UnixAbstract(name) => write!(f, "unix://@{name}"),
             Self::Mem(name) => write!(f, "mem://{name}"),
+            Self::Relay(name) => write!(f, "relay://{name}"),
         }
     }
 }
@@ -140,6 +146,7 @@ mod tests {
             ("unix:///run/atbus.sock", "unix:///run/atbus.sock"),
             ("unix://@atbus", "unix://@atbus"),
             ("mem://node-a", "mem://node-a"),
+            ("relay://relay-1", "relay://relay-1"),
         ];
         for (input, shown) in cases {
             let address: Address = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));
@@ -155,6 +162,7 @@ mod tests {
             "tcp://host:99999",
             "unix://",
             "mem://",
+            "relay://",
             "sctp://a:1",
         ] {
             let err = bad.parse::<Address>().unwrap_err();

@@ -630,7 +630,10 @@ impl Authority {
     }
 
     /// Checks a dialer's credentials. `claimed`: the name in its handshake;
-    /// `me`: this node. Nothing is recorded unless the credentials verify.
+    /// `me`: this node; `client_token`: the token allocated to a client of
+    /// that name ([`crate::grant`]), then the only one accepted, and
+    /// required even if this node has no tokens. Nothing is recorded unless
+    /// the credentials verify.
     #[allow(clippy::too_many_arguments)]
     pub fn accept(
         &self,
@@ -640,9 +643,13 @@ impl Authority {
         incarnation: u64,
         latency_path: bool,
         anonymous_allowed: bool,
+        client_token: Option<&[u8]>,
         now: i64,
     ) -> Result<Grant, AuthError> {
-        let tokens = self.tokens();
+        let tokens = match client_token {
+            Some(token) => vec![token.to_vec()],
+            None => self.tokens(),
+        };
         let Some(auth) = auth else {
             return if tokens.is_empty() {
                 Ok(Grant::Open)
@@ -847,7 +854,7 @@ mod tests {
     /// One full handshake between `dialer` (named "a") and `acceptor` ("b").
     fn full(dialer: &Authority, acceptor: &Authority, now: i64) -> Result<Grant, AuthError> {
         let (auth, pending) = dialer.dial("a", "b", 7, false, false, now);
-        let grant = acceptor.accept(Some(&auth), "a", "b", 7, false, false, now)?;
+        let grant = acceptor.accept(Some(&auth), "a", "b", 7, false, false, None, now)?;
         let reply = acceptor.reply(&grant, &auth, "a", "b", 7, 9, false, now);
         dialer.finish(&pending, Some(&reply), "b", 9, now)?;
         Ok(grant)
@@ -881,22 +888,22 @@ mod tests {
         let now = 100 * S;
         let (auth, _) = a.dial("a", "b", 7, false, true, now);
         assert_eq!(
-            b.accept(Some(&auth), "a", "c", 7, false, false, now),
+            b.accept(Some(&auth), "a", "c", 7, false, false, None, now),
             Err(AuthError::BadSignature)
         );
         assert_eq!(
-            b.accept(Some(&auth), "z", "b", 7, false, false, now),
+            b.accept(Some(&auth), "z", "b", 7, false, false, None, now),
             Err(AuthError::BadSignature)
         );
         assert_eq!(
-            b.accept(Some(&auth), "a", "b", 8, false, false, now),
+            b.accept(Some(&auth), "a", "b", 8, false, false, None, now),
             Err(AuthError::BadSignature)
         );
         assert_eq!(
-            b.accept(Some(&auth), "a", "b", 7, true, false, now),
+            b.accept(Some(&auth), "a", "b", 7, true, false, None, now),
             Err(AuthError::BadSignature)
         );
-        assert!(b.accept(Some(&auth), "a", "b", 7, false, false, now).is_ok());
+        assert!(b.accept(Some(&auth), "a", "b", 7, false, false, None, now).is_ok());
     }
 
     #[test]
@@ -904,21 +911,21 @@ mod tests {
         let (a, b) = (authority(&["s1"]), authority(&["s1"]));
         let now = 1000 * S;
         let (auth, _) = a.dial("a", "b", 7, false, true, now);
-        assert!(b.accept(Some(&auth), "a", "b", 7, false, false, now).is_ok());
+        assert!(b.accept(Some(&auth), "a", "b", 7, false, false, None, now).is_ok());
         assert_eq!(
-            b.accept(Some(&auth), "a", "b", 7, false, false, now + S),
+            b.accept(Some(&auth), "a", "b", 7, false, false, None, now + S),
             Err(AuthError::Replayed)
         );
         let (old, _) = a.dial("a", "b", 7, false, true, now - 301 * S);
         assert!(matches!(
-            b.accept(Some(&old), "a", "b", 7, false, false, now),
+            b.accept(Some(&old), "a", "b", 7, false, false, None, now),
             Err(AuthError::ClockSkew {
                 offset_seconds: -301,
                 window_seconds: 300
             })
         ));
         let (early, _) = a.dial("a", "b", 7, false, true, now + 299 * S);
-        assert!(b.accept(Some(&early), "a", "b", 7, false, false, now).is_ok());
+        assert!(b.accept(Some(&early), "a", "b", 7, false, false, None, now).is_ok());
     }
 
     #[test]
@@ -949,7 +956,7 @@ mod tests {
         assert_eq!(pending.acceptor_incarnation, Some(9));
         assert!(auth.signatures.is_empty());
         let grant = b
-            .accept(Some(&auth), "a", "b", 7, false, false, now + S)
+            .accept(Some(&auth), "a", "b", 7, false, false, None, now + S)
             .expect("resumed");
         assert!(matches!(grant, Grant::Ticket { .. }));
         let reply = b.reply(&grant, &auth, "a", "b", 7, 9, false, now + S);
@@ -957,13 +964,16 @@ mod tests {
             .expect("proof under the ticket secret");
         // The same flight again: refused.
         assert_eq!(
-            b.accept(Some(&auth), "a", "b", 7, false, false, now + 2 * S),
+            b.accept(Some(&auth), "a", "b", 7, false, false, None, now + 2 * S),
             Err(AuthError::Replayed)
         );
         // The new ticket resumes again.
         let (again, p2) = a.dial("a", "b", 7, false, true, now + 3 * S);
         assert!(p2.is_zero_rtt());
-        assert!(b.accept(Some(&again), "a", "b", 7, false, false, now + 3 * S).is_ok());
+        assert!(
+            b.accept(Some(&again), "a", "b", 7, false, false, None, now + 3 * S)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -979,21 +989,21 @@ mod tests {
         // Another acceptor (its own keys) cannot open it.
         let (auth, _) = a.dial("a", "b", 7, false, true, now);
         assert!(matches!(
-            authority(&["s1"]).accept(Some(&auth), "a", "b", 7, false, false, now),
+            authority(&["s1"]).accept(Some(&auth), "a", "b", 7, false, false, None, now),
             Err(AuthError::Ticket(_))
         ));
         // Bound to the dialer's name.
         full(&a, &b, now).expect("full");
         let (auth, _) = a.dial("a", "b", 7, false, true, now);
         assert_eq!(
-            b.accept(Some(&auth), "z", "b", 7, false, false, now),
+            b.accept(Some(&auth), "z", "b", 7, false, false, None, now),
             Err(AuthError::Ticket("issued to other names"))
         );
         // Expired.
         full(&a, &b, now).expect("full");
         let (auth, _) = a.dial("a", "b", 7, false, true, now);
         assert_eq!(
-            b.accept(Some(&auth), "a", "b", 7, false, false, now + 11 * S),
+            b.accept(Some(&auth), "a", "b", 7, false, false, None, now + 11 * S),
             Err(AuthError::Ticket("expired"))
         );
         // Two rotations later the key that sealed it is gone.
@@ -1008,7 +1018,7 @@ mod tests {
             keys.rotate(&c.rng, now + 11 * S);
         }
         assert_eq!(
-            c.accept(Some(&auth), "a", "b", 7, false, false, now + 22 * S),
+            c.accept(Some(&auth), "a", "b", 7, false, false, None, now + 22 * S),
             Err(AuthError::Ticket("issued under a retired key"))
         );
     }
@@ -1022,7 +1032,7 @@ mod tests {
         let (auth, _) = a.dial("a", "b", 7, false, true, now);
         assert!(!auth.ticket.is_empty(), "a ticket was held");
         assert_eq!(
-            b.accept(Some(&auth), "a", "b", 7, false, false, now),
+            b.accept(Some(&auth), "a", "b", 7, false, false, None, now),
             Err(AuthError::Ticket("issued under a retired key"))
         );
         // A full handshake with a token still accepted works.
@@ -1040,10 +1050,10 @@ mod tests {
         let (auth, pending) = a.dial("client", "b", 7, false, true, now);
         assert!(auth.signatures.is_empty() && auth.anonymous);
         assert_eq!(
-            b.accept(Some(&auth), "", "b", 7, false, false, now),
+            b.accept(Some(&auth), "", "b", 7, false, false, None, now),
             Err(AuthError::AnonymousForbidden)
         );
-        let Ok(Grant::Anonymous { name }) = b.accept(Some(&auth), "", "b", 7, false, true, now) else {
+        let Ok(Grant::Anonymous { name }) = b.accept(Some(&auth), "", "b", 7, false, true, None, now) else {
             panic!("anonymous refused on an anonymous listener");
         };
         assert!(name.starts_with("anon-"));

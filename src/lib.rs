@@ -17,11 +17,12 @@
 //!   frame codec         bytes ⇄ frame_message
 //! ```
 //!
-//! What is here today: the protocol types ([`proto`]), the wire codec
+//! What is here: the protocol types ([`proto`]), the wire codec
 //! ([`frame`]), the sans-IO stream layer ([`stream`]), discovery records and
-//! backends ([`discovery`]), and the data plane: pinned glommio shards
-//! ([`runtime`]), socket transports ([`transport`]) and the [`node`]. Routing
-//! through discovery, relays and authentication arrive one by one.
+//! backends ([`discovery`]), authentication ([`auth`], [`grant`] for clients
+//! on untrusted networks), end-to-end TLS ([`tls`]), and the data plane:
+//! pinned glommio shards ([`runtime`]), transports ([`transport`], tunnels
+//! through relays included) and the [`node`] (which is also the relay).
 //!
 //! ```
 //! use bytes::{Bytes, BytesMut};
@@ -50,6 +51,7 @@ pub mod address;
 pub mod auth;
 pub mod discovery;
 pub mod frame;
+pub mod grant;
 pub mod node;
 #[allow(missing_docs)]
 pub mod proto;

@@ -1,4 +1,5 @@
-//! The `atbus` binary: the demo runs and exits cleanly, two processes
+//! The `atbus` binary: the demo runs (through its relay too) and exits
+//! cleanly, two processes
 //! exchange messages by name through a discovery file (`recv` / `send`,
 //! `node` / `ping`), and bad input gives one clear line and a non-zero exit.
 
@@ -90,10 +91,16 @@ fn demo_runs_and_exits_cleanly() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for route in ["alpha → delta [mem ]", "delta → beta  [unix]", " beta → gamma [tcp ]"] {
+    for route in [
+        "alpha → delta   [mem  ]",
+        "delta → beta    [unix ]",
+        " beta → gamma   [tcp  ]",
+        "gamma → epsilon [relay]",
+    ] {
         assert!(stdout.contains(route), "route {route:?} missing:\n{stdout}");
     }
     assert!(stdout.contains("0 bad frames"), "{stdout}");
+    assert!(stdout.contains("frames forwarded"), "{stdout}");
 }
 
 /// `atbus recv --count N` with `receiver_config`, then `atbus send` of N
@@ -220,4 +227,51 @@ fn bad_input_is_one_clear_line_and_a_failure() {
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
     std::thread::sleep(Duration::from_millis(10));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `atbus token issue` asks a server's admin endpoint for a client grant:
+/// the JSON it prints is what discovery now registers for that client, and
+/// bad requests fail with the server's reason.
+#[test]
+#[cfg(feature = "admin")]
+fn token_issue_allocates_a_client_through_the_admin_endpoint() {
+    use libatbus::discovery::{Discovery, MemoryDiscovery, Record};
+    use libatbus::grant::ClientGrant;
+    use libatbus::node::{DiscoverySource, Node, NodeConfig};
+    let discovery = std::sync::Arc::new(MemoryDiscovery::new());
+    let mut config = NodeConfig::new("token-server", &["tcp://127.0.0.1:0"]).expect("config");
+    config.discovery = DiscoverySource(discovery.clone());
+    config.admin = Some("127.0.0.1:0".parse().expect("address"));
+    let server = Node::start(config).expect("server");
+    let admin = server.admin_address().expect("admin endpoint").to_string();
+    let out = Command::new(ATBUS)
+        .args(["token", "issue", "--admin", &admin, "--stream", "7", "--ttl-s", "60"])
+        .args(["--name", "phone-1", "--relay-kind", "client-relay"])
+        .output()
+        .expect("atbus runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let grant: ClientGrant = serde_json::from_slice(&out.stdout).expect("the grant as JSON");
+    assert_eq!(
+        (grant.name.as_str(), grant.stream_id, grant.server.as_str()),
+        ("phone-1", 7, "token-server")
+    );
+    let Some(Record::Node(record)) = discovery.get("phone-1") else {
+        panic!("the grant is registered in discovery");
+    };
+    assert_eq!(ClientGrant::from_record(&record), Some(grant));
+    assert_eq!(
+        record.advertise_relay.and_then(|r| r.metadata).map(|m| m.kind),
+        Some("client-relay".to_string())
+    );
+    // The name is taken now: the server says so, the command fails.
+    let again = Command::new(ATBUS)
+        .args([
+            "token", "issue", "--admin", &admin, "--stream", "7", "--name", "phone-1",
+        ])
+        .output()
+        .expect("atbus runs");
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("taken"), "{stderr}");
+    server.stop(std::time::Duration::from_millis(100));
 }

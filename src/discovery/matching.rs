@@ -125,6 +125,18 @@ pub fn rendezvous<'a>(key: &str, replicas: impl IntoIterator<Item = &'a str>) ->
         .max_by_key(|replica| (xxh3_64_with_seed(key.as_bytes(), xxh3_64(replica.as_bytes())), *replica))
 }
 
+/// Every replica ranked for `key` by the weights of [`rendezvous`], best
+/// first: the first is the one `rendezvous` picks, the next is where the key
+/// fails over to.
+pub fn rendezvous_ranking<'a>(key: &str, replicas: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut ranked: Vec<(u64, &'a str)> = replicas
+        .into_iter()
+        .map(|replica| (xxh3_64_with_seed(key.as_bytes(), xxh3_64(replica.as_bytes())), replica))
+        .collect();
+    ranked.sort_by(|a, b| b.cmp(a));
+    ranked.into_iter().map(|(_, replica)| replica).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,7 @@ pub use backend::{Change, Discovery, DiscoveryError, MemoryDiscovery, Subscripti
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdConfig, EtcdDiscovery};
 pub use file::{FileDiscovery, parse_file};
-pub use matching::{dial_candidates, relay_candidates, rendezvous, same_host, same_process};
+pub use matching::{dial_candidates, relay_candidates, rendezvous, rendezvous_ranking, same_host, same_process};
 pub use validate::{ValidationError, validate_group, validate_node};
 
 pub use crate::proto::discovery_record::Record;

@@ -7,16 +7,21 @@
 //! - `GET /safe-to-delete`: 200 `yes` when nothing is queued or
 //!   unacknowledged, else 409 with the reasons (a Kubernetes preStop hook
 //!   polls it);
-//! - `GET /connections`: JSON of the node's routes and counters.
+//! - `GET /connections`: JSON of the node's routes and counters;
+//! - `POST /clients?stream=N&ttl_s=S[&name=X][&relay_kind=K]`: allocates a
+//!   client on an untrusted network ([`crate::grant`]) and answers its grant
+//!   as JSON, token included: bind the endpoint where only operators reach
+//!   it (`atbus token issue` calls it).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::Query;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use super::{NodeError, Shared};
 
@@ -92,6 +97,7 @@ pub(super) fn start(shared: &Arc<Shared>, address: SocketAddr) -> Result<AdminSe
                     .route("/readyz", get(readyz))
                     .route("/safe-to-delete", get(safe_to_delete))
                     .route("/connections", get(connections))
+                    .route("/clients", post(issue_client))
                     .with_state(admin);
                 let served = axum::serve(listener, app)
                     .with_graceful_shutdown(async {
@@ -184,4 +190,50 @@ async fn connections(State(admin): State<Admin>) -> (StatusCode, axum::Json<serd
         },
     });
     (StatusCode::OK, axum::Json(body))
+}
+
+/// `POST /clients` parameters.
+#[derive(serde::Deserialize)]
+struct ClientRequest {
+    stream: i64,
+    #[serde(default = "default_ttl")]
+    ttl_s: u64,
+    name: Option<String>,
+    /// The client's relays: records of this `kind` (its `advertise_relay`).
+    relay_kind: Option<String>,
+}
+
+fn default_ttl() -> u64 {
+    3600
+}
+
+async fn issue_client(
+    State(admin): State<Admin>,
+    Query(request): Query<ClientRequest>,
+) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let Some(node) = admin.node() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"error": "the node stopped"})),
+        );
+    };
+    let relay = request.relay_kind.map(|kind| crate::discovery::RelaySelector {
+        name: String::new(),
+        metadata: Some(crate::discovery::Metadata {
+            kind,
+            ..Default::default()
+        }),
+    });
+    match node.issue_client(
+        request.name.as_deref(),
+        request.stream,
+        Duration::from_secs(request.ttl_s),
+        relay,
+    ) {
+        Ok(grant) => (StatusCode::OK, axum::Json(serde_json::json!(grant))),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({"error": e.to_string()})),
+        ),
+    }
 }

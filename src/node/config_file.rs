@@ -12,6 +12,9 @@
 //! anonymous_listen: [tcp://0.0.0.0:7100]  # also admits anonymous clients
 //! tls: { cert: alpha.pem, key: alpha.key, ca: ca.pem, e2e: [1, 2] }  # e2e: all | none | ids
 //! admin: 127.0.0.1:9100            # /metrics /healthz /readyz /safe-to-delete /connections
+//! relay: { forward: false, policy: own, max_hops: 8 }  # own | target; forward: this is a relay
+//! advertise_relay: { metadata: { namespace_name: game, kind: relay } }
+//! client: false                    # true: dial only own relays (type: client)
 //! ```
 //!
 //! Every key is optional but `name`; unknown keys are errors (a typo never
@@ -69,6 +72,24 @@ pub struct NodeFile {
     pub tls: Option<TlsFile>,
     /// Admin HTTP endpoint, `host:port`.
     pub admin: Option<String>,
+    /// Relay behaviour.
+    pub relay: RelayFile,
+    /// Relays this node recommends and uses (published in its record).
+    pub advertise_relay: Option<crate::discovery::RelaySelector>,
+    /// A client: dials only its own relays.
+    pub client: Option<bool>,
+}
+
+/// `relay:` — see [`super::RelayConfig`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RelayFile {
+    pub forward: Option<bool>,
+    /// `own` or `target`.
+    pub policy: Option<String>,
+    pub max_hops: Option<u32>,
+    pub hold: Option<usize>,
 }
 
 /// `tls:` — see [`crate::tls`]. Paths are relative to the config file.
@@ -297,6 +318,18 @@ impl NodeFile {
                 reason: format!("{admin:?}: {e} (expected ip:port)"),
             })?);
         }
+        let r = self.relay;
+        set(&mut config.relay.forward, r.forward);
+        set(&mut config.relay.max_hops, r.max_hops);
+        set(&mut config.relay.hold, r.hold);
+        if let Some(policy) = r.policy {
+            config.relay.policy = policy.parse().map_err(|reason| NodeError::Config {
+                field: "relay.policy",
+                reason,
+            })?;
+        }
+        config.advertise_relay = self.advertise_relay;
+        set(&mut config.client, self.client);
         config.validate()?;
         config.discovery = open_discovery(self.discovery, base)?;
         Ok(config)

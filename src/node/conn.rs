@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use prost::Message as _;
 
-use super::shard::{self, Endpoint, ShardState};
+use super::shard::{self, Endpoint, PathIo, ShardState};
 use crate::address::Address;
 use crate::auth::{self, AuthError, Pending};
 use crate::frame::{self, DecodeError, Decoder};
@@ -151,6 +151,11 @@ pub(super) async fn dial_loop(
     latency: bool,
 ) {
     let config = &state.shared.config;
+    if latency && addresses.iter().all(|a| matches!(a, Address::Relay(_))) {
+        // Through relays a peer pair has one tunnel per relay: urgent
+        // streams share it (the relays' own connections are bulk anyway).
+        return;
+    }
     let mut backoff = config.reconnect_min;
     let mut failures = 0u32;
     let mut next = 0usize;
@@ -180,6 +185,16 @@ pub(super) async fn dial_loop(
                 if matches!(end, Some(End::Shutdown)) {
                     break;
                 }
+                match &end {
+                    Some(End::Refused(reason) | End::Closed(reason)) => {
+                        let why = format!("{address}: {:?} {}", reason.code(), reason.message);
+                        *state.endpoint(&peer).last_error.borrow_mut() = Some(why);
+                    }
+                    Some(End::Io(e)) => {
+                        *state.endpoint(&peer).last_error.borrow_mut() = Some(format!("{address}: {e}"))
+                    }
+                    _ => {}
+                }
                 if matches!(end, Some(End::ResumptionFailed)) && !resumption_failed {
                     // Tickets of this peer are no good (it restarted or
                     // rotated its keys): one full handshake right away.
@@ -192,8 +207,20 @@ pub(super) async fn dial_loop(
                 if started.elapsed() > config.reconnect_max {
                     backoff = config.reconnect_min;
                 }
+                if matches!(address, Address::Relay(_))
+                    && addresses.len() > 1
+                    && matches!(end, Some(End::Io(_)))
+                    && started.elapsed() > config.reconnect_min
+                {
+                    // The relay's connection went (the relay died, most
+                    // likely): straight on through the next one.
+                    tracing::info!(peer = %peer, "{address} lost; going on through the next relay");
+                    next += 1;
+                    continue;
+                }
             }
             Some(Err(e)) => {
+                *state.endpoint(&peer).last_error.borrow_mut() = Some(format!("{address}: {e}"));
                 failures += 1;
                 next += 1;
                 if failures == 1 {
@@ -212,8 +239,11 @@ pub(super) async fn dial_loop(
 
 /// Connects to `address`; QUIC with this node's certificate, expecting
 /// `peer`'s.
-async fn dial_address(state: &ShardState, peer: &str, address: &Address) -> io::Result<Connected> {
+async fn dial_address(state: &Rc<ShardState>, peer: &Arc<str>, address: &Address) -> io::Result<Connected> {
     let config = &state.shared.config;
+    if let Address::Relay(relay) = address {
+        return super::relay::open(state, relay, peer).await.map(Connected::Tunnel);
+    }
     let Address::Quic { host, port } = address else {
         return transport::connect(address, config.connect_timeout).await;
     };
@@ -256,6 +286,9 @@ pub(super) struct Peer {
     pub reply: Option<FrameMessage>,
     /// Dialling side that sent 0-RTT data: the reply is still to come.
     pub awaiting: Option<Pending>,
+    /// A client on an untrusted network, admitted with the grant a server
+    /// allocated it: its frames are checked against it.
+    pub grant: Option<Arc<crate::grant::ClientGrant>>,
 }
 
 async fn run(state: Rc<ShardState>, connected: Connected, dial: Dial, origin: String) -> Option<End> {
@@ -265,7 +298,27 @@ async fn run(state: Rc<ShardState>, connected: Connected, dial: Dial, origin: St
         Connected::Udp(link) => run_link(state, Rc::new(link), dial, origin).await,
         Connected::Quic(link) => run_link(state, Rc::new(link), dial, origin).await,
         Connected::Bridged(link) => run_link(state, Rc::new(link), dial, origin).await,
+        Connected::Tunnel(link) => run_link(state, Rc::new(link), dial, origin).await,
     }
+}
+
+/// Serves a tunnel another node opened through a relay (see
+/// [`super::relay::tunnelled`]).
+pub(super) async fn accept_tunnel(state: Rc<ShardState>, connected: Connected, origin: String) {
+    let end = run(state, connected, Dial::Accepted { anonymous: false }, origin.clone()).await;
+    if let Some(End::Io(e)) = end {
+        tracing::debug!("tunnel {origin}: {e}");
+    }
+}
+
+/// Whether `frame` is a dialler's first handshake (it opens a connection).
+pub(super) fn opens_connection(frame: &FrameMessage) -> bool {
+    matches!(parse_hello(frame), Some(Ok(hello)) if !hello.acknowledge)
+}
+
+/// Whether `frame` closes a connection (FINISH_CONNECTION).
+pub(super) fn is_close(frame: &FrameMessage) -> bool {
+    matches!(&frame.body, Some(Body::Packet(p)) if p.flags & AtbusPacketFlagType::FinishConnection as i32 != 0)
 }
 
 /// Our handshake. `auth`: credentials (dialling) or the answer to them
@@ -294,6 +347,7 @@ fn hello_frame(state: &ShardState, acknowledge: bool, latency_path: bool, auth: 
         record,
         latency_path,
         auth,
+        relay: state.shared.config.relay.forward,
     };
     let content = PacketContent {
         fragment: vec![Fragment {
@@ -312,7 +366,7 @@ fn hello_frame(state: &ShardState, acknowledge: bool, latency_path: bool, auth: 
     }
 }
 
-fn close_frame(reason: CloseReasonData) -> FrameMessage {
+pub(super) fn close_frame(reason: CloseReasonData) -> FrameMessage {
     let content = PacketContent {
         fragment: vec![Fragment {
             close_reason: Some(reason),
@@ -371,6 +425,17 @@ fn parse_close(frame: &FrameMessage) -> Option<CloseReasonData> {
 
 async fn write_frame<L: Link>(state: &ShardState, link: &L, frame: &FrameMessage) -> io::Result<()> {
     let mut buf = BytesMut::new();
+    let headed;
+    let frame = match link.frame_head() {
+        Some(head) => {
+            headed = FrameMessage {
+                head: Some(head.clone()),
+                body: frame.body.clone(),
+            };
+            &headed
+        }
+        None => frame,
+    };
     state
         .encoder
         .encode(frame, &mut buf)
@@ -520,6 +585,10 @@ pub(super) async fn adopted(state: Rc<ShardState>, connected: Connected, peer: P
             let reader = reader_for(&state, false, &leftover);
             established(state, Rc::new(link), reader, peer, origin).await
         }
+        Connected::Tunnel(link) => {
+            let reader = reader_for(&state, true, &[]);
+            established(state, Rc::new(link), reader, peer, origin).await
+        }
     };
 }
 
@@ -563,11 +632,19 @@ async fn serve<L: Link>(
     } else {
         PathConfig::with_mtu(config.stream_mtu)
     };
+    let head = link.frame_head().cloned();
+    let path = match &head {
+        Some(head) => super::relay::path_config(head),
+        None => path,
+    };
     let path = PathConfig {
         urgent_only: hello.latency_path,
         ..path
     };
-    endpoint.add_path(&state, path_id, path, datagram, hello.incarnation);
+    let io = PathIo::new(datagram, hello.latency_path, head);
+    endpoint.add_path(&state, path_id, path, io, hello.incarnation);
+    state.shared.set_live(&name, true);
+    super::relay::release_held(&state, &endpoint);
     state.shared.counters.established.fetch_add(1, Ordering::Relaxed);
     if peer.awaiting.is_some() {
         tracing::info!(node = %state.shared.name, peer = %name, path = path_id.0, "connected via {origin} (0-RTT)");
@@ -626,6 +703,10 @@ async fn serve<L: Link>(
         End::Shutdown | End::HandedOff => {}
     }
     endpoint.remove_path(path_id);
+    state.shared.set_live(&name, false);
+    if !endpoint.has_paths() {
+        super::relay::carrier_lost(&state, &name);
+    }
     endpoint.drive(&state);
     state.shared.counters.closed.fetch_add(1, Ordering::Relaxed);
     link.shutdown().await;
@@ -688,6 +769,7 @@ async fn handshake<L: Link>(
                 anonymous: false,
                 reply: None,
                 awaiting: Some(pending),
+                grant: None,
             });
         }
         ours = Some((hello, pending));
@@ -799,6 +881,15 @@ fn admit(state: &ShardState, mut hello: HandshakeData, dial: &Dial) -> Result<(P
     }
     let me = &*state.shared.name;
     let now = auth::now_micros();
+    let client = if anonymous {
+        None
+    } else {
+        client_grant(state, &hello.node_name, now)?
+    };
+    if client.is_some() || anonymous {
+        // Nobody untrusted hands over frames of others.
+        hello.relay = false;
+    }
     let grant = state
         .shared
         .auth
@@ -809,6 +900,7 @@ fn admit(state: &ShardState, mut hello: HandshakeData, dial: &Dial) -> Result<(P
             hello.incarnation,
             hello.latency_path,
             anonymous_allowed,
+            client.as_ref().map(|c| c.token.as_bytes()),
             now,
         )
         .map_err(|e| {
@@ -842,9 +934,25 @@ fn admit(state: &ShardState, mut hello: HandshakeData, dial: &Dial) -> Result<(P
             anonymous,
             reply: None,
             awaiting: None,
+            grant: client.map(Arc::new),
         },
         reply,
     ))
+}
+
+/// The grant a server allocated to a client named `name`, if discovery
+/// registers one; an expired one is refused.
+fn client_grant(state: &ShardState, name: &str, now_micros: i64) -> Result<Option<crate::grant::ClientGrant>, Refusal> {
+    let Some(crate::discovery::Record::Node(record)) = state.shared.discovery.get(name) else {
+        return Ok(None);
+    };
+    let Some(grant) = crate::grant::ClientGrant::from_record(&record) else {
+        return Ok(None);
+    };
+    grant
+        .check_time(now_micros / 1_000_000)
+        .map_err(|e| (AtbusCloseReason::Unauthorized, e.to_string()))?;
+    Ok(Some(grant))
 }
 
 /// Dialling side: checks the acceptor's reply to our credentials.
@@ -875,6 +983,7 @@ fn check_reply(state: &ShardState, hello: HandshakeData, dial: &Dial, pending: &
         anonymous: false,
         reply: None,
         awaiting: None,
+        grant: None,
     })
 }
 
@@ -1138,14 +1247,37 @@ enum Fault {
 
 /// Handles one frame on an established connection.
 fn handle_frame(
-    state: &ShardState,
-    endpoint: &Endpoint,
+    state: &Rc<ShardState>,
+    endpoint: &Rc<Endpoint>,
     path_id: PathId,
     peer: &Peer,
     epoch: Instant,
     now: Instant,
     frame: FrameMessage,
 ) -> Result<(), Fault> {
+    if let Some(grant) = &peer.grant
+        && let Err(e) = grant.permits(&frame)
+    {
+        return Err(Fault::Fatal(reason(AtbusCloseReason::Unauthorized, e.to_string())));
+    }
+    if let Some(head) = &frame.head {
+        let elsewhere = !head.destination.is_empty() && head.destination != *state.shared.name;
+        let other_source = !head.source.is_empty() && head.source != *endpoint.peer;
+        if other_source && !peer.hello.relay {
+            return Err(Fault::Bad(format!(
+                "frame from {:?} handed over by {:?}, which is not a relay",
+                head.source, endpoint.peer
+            )));
+        }
+        if elsewhere && state.shared.config.relay.forward && !peer.anonymous {
+            super::relay::forward(state, endpoint, path_id, frame);
+            return Ok(());
+        }
+        if other_source && !elsewhere {
+            super::relay::tunnelled(state, endpoint, frame);
+            return Ok(());
+        }
+    }
     if let Some(head) = &frame.head
         && !head.destination.is_empty()
         && head.destination != *state.shared.name

@@ -54,6 +54,13 @@ pub struct ShardMetrics {
     /// Ping/pong round trips of the shard's connections, in milliseconds
     /// (one observation per pong: not on the message path).
     pub rtt_ms: Histogram,
+    /// Relay: frames passed on to another node.
+    pub relay_frames: ShardCounter,
+    /// Their bytes (whole frames).
+    pub relay_bytes: ShardCounter,
+    /// Relay: frames dropped (no route, hop limit, next hop's buffer full)
+    /// and tunnelled frames a full tunnel queue refused.
+    pub relay_dropped: ShardCounter,
 }
 
 impl Default for ShardMetrics {
@@ -64,6 +71,9 @@ impl Default for ShardMetrics {
             messages_received: ShardCounter::default(),
             bytes_received: ShardCounter::default(),
             rtt_ms: Histogram::new(RTT_BUCKETS_MS),
+            relay_frames: ShardCounter::default(),
+            relay_bytes: ShardCounter::default(),
+            relay_dropped: ShardCounter::default(),
         }
     }
 }
@@ -74,6 +84,13 @@ impl ShardMetrics {
     pub fn sent(&self, bytes: usize) {
         self.messages_sent.add(1);
         self.bytes_sent.add(bytes as u64);
+    }
+
+    /// One frame passed on by a relay.
+    #[inline]
+    pub fn relayed(&self, bytes: usize) {
+        self.relay_frames.add(1);
+        self.relay_bytes.add(bytes as u64);
     }
 
     /// One message delivered.
@@ -107,6 +124,21 @@ pub fn encode_text(node: &str, shards: &[ShardMetrics], stats: &NodeStats) -> St
                 "bytes_received",
                 "Payload bytes of messages_received",
                 &shard.bytes_received,
+            ),
+            (
+                "relay_forwarded_frames",
+                "Frames this relay passed on to another node",
+                &shard.relay_frames,
+            ),
+            (
+                "relay_forwarded_bytes",
+                "Bytes of relay_forwarded_frames",
+                &shard.relay_bytes,
+            ),
+            (
+                "relay_dropped_frames",
+                "Frames dropped by this relay (no route, hop limit, full buffer; the ends resend)",
+                &shard.relay_dropped,
             ),
         ];
         for (name, help, counter) in counters {

@@ -25,12 +25,13 @@ mod config_file;
 mod conn;
 mod mem;
 pub mod metrics;
+mod relay;
 pub mod routing;
 mod shard;
 
 pub use config_file::NodeFile;
 pub use conn::HANDSHAKE_STREAM;
-pub use routing::{NoRoute, Plan, RelayStep};
+pub use routing::{NoRoute, Plan, RelayPolicy};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -115,9 +116,15 @@ pub struct NodeConfig {
     /// Set them when the bound addresses are not what others should dial
     /// (0.0.0.0, NAT, containers).
     pub gateways: Vec<Gateway>,
-    /// Asked for a route when no gateway of a target fits (relays); none:
-    /// such sends fail with ROUTER_NOT_FOUND.
-    pub relay: Option<RelayHook>,
+    /// Relays: whether this node is one, and which relay its own traffic
+    /// takes when no gateway of a target fits ([`RelayConfig`]).
+    pub relay: RelayConfig,
+    /// The relays this node recommends for reaching it, and uses itself
+    /// (published as the record's `advertise_relay`).
+    pub advertise_relay: Option<crate::discovery::RelaySelector>,
+    /// A client (`type: client` in its record): it dials only its own
+    /// relays (`advertise_relay`) and reaches everything through them.
+    pub client: bool,
     /// Tokens, 0-RTT resumption, anonymous dialling
     /// ([`crate::auth::AuthConfig`]).
     pub auth: crate::auth::AuthConfig,
@@ -152,13 +159,31 @@ impl std::fmt::Debug for DiscoverySource {
     }
 }
 
-/// The relay step of [`NodeConfig::relay`].
-#[derive(Clone)]
-pub struct RelayHook(pub Arc<dyn RelayStep>);
+/// Relay settings of a node (see [`NodeConfig::relay`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// This node forwards frames addressed to other nodes (`atbus-relay`):
+    /// it announces itself as a relay in its handshakes and passes frames on
+    /// by their `head.destination`, without reading their streams.
+    pub forward: bool,
+    /// Own relay or the target's, when both could carry this node's traffic.
+    pub policy: RelayPolicy,
+    /// Relays a frame may pass; the relay that would exceed it drops the
+    /// frame and answers the source with HOP_LIMIT.
+    pub max_hops: u32,
+    /// Frames a relay holds for a next hop it is still connecting to (more
+    /// are dropped: the sender's stream layer sends them again).
+    pub hold: usize,
+}
 
-impl std::fmt::Debug for RelayHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RelayHook(..)")
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            forward: false,
+            policy: RelayPolicy::OwnRelay,
+            max_hops: 8,
+            hold: 4096,
+        }
     }
 }
 
@@ -192,7 +217,9 @@ impl Default for NodeConfig {
             metadata: Metadata::default(),
             host: None,
             gateways: Vec::new(),
-            relay: None,
+            relay: RelayConfig::default(),
+            advertise_relay: None,
+            client: false,
             auth: crate::auth::AuthConfig::default(),
             anonymous_listen: Vec::new(),
             tls: None,
@@ -273,6 +300,18 @@ impl NodeConfig {
                     reason: "empty or zero (see AuthConfig docs)".into(),
                 });
             }
+        }
+        if self.relay.max_hops == 0 || self.relay.max_hops > 64 {
+            return Err(NodeError::Config {
+                field: "relay.max_hops",
+                reason: format!("{}: expected 1 to 64", self.relay.max_hops),
+            });
+        }
+        if self.client && self.relay.forward {
+            return Err(NodeError::Config {
+                field: "client",
+                reason: "a client cannot be a relay (relay.forward)".into(),
+            });
         }
         if self.recv_queue == 0 || self.send_queue == 0 || self.send_buffer == 0 {
             return Err(NodeError::Config {
@@ -468,6 +507,11 @@ pub struct NodeStats {
     pub messages_received: u64,
     /// Messages waiting in the application queues now (both classes).
     pub queued: u64,
+    /// Relay: frames passed on to other nodes.
+    pub relayed_frames: u64,
+    /// Relay: frames dropped (no route, hop limit, full buffers; the ends
+    /// resend what matters).
+    pub relay_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -612,6 +656,14 @@ struct Shared {
     shard_metrics: Vec<metrics::ShardMetrics>,
     undelivered_tx: Sender<Undelivered>,
     undelivered_rx: Receiver<Undelivered>,
+    /// Connections per peer now (relays pick live next hops).
+    live: RwLock<NameMap<u32>>,
+    /// Relay: the peer whose connection a node's traffic came in on (replies
+    /// to clients go back there).
+    reverse: RwLock<NameMap<Arc<str>>>,
+    /// Relay: next hops discovery gave per destination (cleared on every
+    /// discovery change).
+    forward_plans: RwLock<NameMap<Arc<[Arc<str>]>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -633,6 +685,8 @@ impl Shared {
             e2e_failures: c.e2e_failures.load(Ordering::Relaxed),
             messages_received: c.received.load(Ordering::Relaxed),
             queued: (self.app_rx.len() + self.urgent_rx.len()) as u64,
+            relayed_frames: self.shard_metrics.iter().map(|m| m.relay_frames.get()).sum(),
+            relay_dropped: self.shard_metrics.iter().map(|m| m.relay_dropped.get()).sum(),
         }
     }
 
@@ -663,6 +717,41 @@ impl Shared {
         let mut names: Vec<String> = answers.into_iter().flatten().collect();
         names.sort();
         names
+    }
+
+    /// See [`Node::issue_client`].
+    fn issue_client(
+        &self,
+        name: Option<&str>,
+        stream_id: StreamId,
+        ttl: Duration,
+        relay: Option<crate::discovery::RelaySelector>,
+    ) -> Result<crate::grant::ClientGrant, NodeError> {
+        if stream_id < 0 {
+            return Err(NodeError::Config {
+                field: "stream_id",
+                reason: format!("{stream_id}: application streams are 0 and up"),
+            });
+        }
+        if let Some(name) = name
+            && self.discovery.get(name).is_some()
+        {
+            return Err(NodeError::Config {
+                field: "name",
+                reason: format!("{name:?} is taken in discovery"),
+            });
+        }
+        let now = crate::auth::now_micros() / 1_000_000;
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        let grant = crate::grant::ClientGrant::issue(&self.name, name, stream_id, now, ttl);
+        self.discovery
+            .publish(Record::Node(grant.record(relay)))
+            .map_err(|source| NodeError::Discovery {
+                name: grant.name.clone(),
+                source,
+            })?;
+        tracing::info!(node = %self.name, client = %grant.name, stream = stream_id, "client allocated");
+        Ok(grant)
     }
 
     fn metrics_text(&self) -> String {
@@ -719,6 +808,22 @@ impl Shared {
         self.writable.notify();
     }
 
+    /// The route from this node to `target` (relays looked up among every
+    /// record discovery knows); `None` before the node has its record.
+    fn plan(&self, target: &NodeRecord) -> Option<Result<Plan, NoRoute>> {
+        let me = self.record.get()?;
+        let records: Vec<NodeRecord> = self
+            .discovery
+            .snapshot()
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Node(node) => Some(node),
+                Record::Group(_) => None,
+            })
+            .collect();
+        Some(routing::plan(target, me, &records, self.config.relay.policy))
+    }
+
     /// Looks `peer` up in discovery and makes its route (dialling if need
     /// be). Another thread may have made it meanwhile: then that one stands.
     fn resolve(&self, peer: &str) -> Result<(), SendError> {
@@ -735,9 +840,8 @@ impl Shared {
                 Route::Group(group.node_list.iter().map(|m| Arc::from(m.as_str())).collect())
             }
             Record::Node(target) => {
-                let me = self.record.get().ok_or(SendError::Stopped)?;
-                let relay = self.config.relay.as_ref().map(|r| &*r.0);
-                match routing::plan(&target, me, relay).map_err(|e| SendError::NoRoute(e.to_string()))? {
+                let plan = self.plan(&target).ok_or(SendError::Stopped)?;
+                match plan.map_err(|e| SendError::NoRoute(e.to_string()))? {
                     Plan::Mem => {
                         let local = mem::lookup_node(peer).ok_or_else(|| {
                             SendError::NoRoute(format!(
@@ -782,6 +886,9 @@ impl Shared {
             Change::Put(record) => record.name(),
             Change::Delete(name) => name.as_str(),
         };
+        if let Ok(mut plans) = self.forward_plans.write() {
+            plans.clear();
+        }
         let Ok(mut peers) = self.peers.write() else {
             return;
         };
@@ -815,9 +922,8 @@ impl Shared {
                 },
                 Change::Put(Record::Node(target)),
             ) => {
-                let Some(me) = self.record.get() else { return };
-                let relay = self.config.relay.as_ref().map(|r| &*r.0);
-                match routing::plan(target, me, relay) {
+                let Some(plan) = self.plan(target) else { return };
+                match plan {
                     Ok(Plan::Dial(addresses)) if *old != *addresses => {
                         tracing::info!(node = %self.name, peer = name, "record changed: dialling {addresses:?}");
                         peers.insert(
@@ -947,6 +1053,9 @@ impl Node {
             shard_metrics: (0..shards_len).map(|_| metrics::ShardMetrics::default()).collect(),
             undelivered_tx,
             undelivered_rx,
+            live: RwLock::new(name_map()),
+            reverse: RwLock::new(name_map()),
+            forward_plans: RwLock::new(name_map()),
             config,
         });
         let node = Node {
@@ -996,7 +1105,11 @@ impl Node {
             tokens: shared.config.auth.tokens.clone(),
             ..record
         };
-        if let Err(source) = shared.discovery.publish(Record::Node(published)) {
+        // A client publishes nothing: its name may be a grant a server
+        // registered (crate::grant), which must stay as the server wrote it.
+        if !shared.config.client
+            && let Err(source) = shared.discovery.publish(Record::Node(published))
+        {
             node.stop(Duration::ZERO);
             return Err(NodeError::Discovery {
                 name: shared.config.name.clone(),
@@ -1087,6 +1200,22 @@ impl Node {
                 })?;
         }
         Ok(())
+    }
+
+    /// Allocates a client on an untrusted network ([`crate::grant`]): a
+    /// name (`name`, or a random `client-…`), the one stream it may use
+    /// (`stream_id`, to this node only), and a token, valid for `ttl`;
+    /// registered in discovery (the client's relays and this node check
+    /// it). `relay`: the relays the client goes through. Hand the grant to
+    /// the client over a channel you trust.
+    pub fn issue_client(
+        &self,
+        name: Option<&str>,
+        stream_id: StreamId,
+        ttl: Duration,
+        relay: Option<crate::discovery::RelaySelector>,
+    ) -> Result<crate::grant::ClientGrant, NodeError> {
+        self.shared.issue_client(name, stream_id, ttl, relay)
     }
 
     /// The node's metrics in the Prometheus text format (what the admin
@@ -1426,6 +1555,7 @@ impl Node {
         }
         // Withdrawn first: peers stop routing here before connections close.
         if self.shared.record.get().is_some()
+            && !self.shared.config.client
             && let Err(e) = self.shared.discovery.withdraw(&self.shared.name)
         {
             tracing::warn!(node = %self.shared.name, "cannot withdraw the discovery record: {e}");
@@ -1522,11 +1652,17 @@ fn own_record(config: &NodeConfig, bound: &[Address]) -> NodeRecord {
     };
     NodeRecord {
         name: config.name.clone(),
-        r#type: crate::discovery::TYPE_NODE.to_string(),
+        r#type: if config.client {
+            crate::discovery::TYPE_CLIENT
+        } else {
+            crate::discovery::TYPE_NODE
+        }
+        .to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         host: Some(host),
         metadata: Some(config.metadata.clone()),
         gateway,
+        advertise_relay: config.advertise_relay.clone(),
         ..NodeRecord::default()
     }
 }

@@ -47,6 +47,8 @@ pub(super) struct ShardState {
     /// Peers given up on: messages still queued for them are reported as
     /// undelivered, until a new route dials them again.
     forgotten: RefCell<std::collections::HashSet<Arc<str>>>,
+    /// Tunnels through this shard's connections to relays.
+    pub tunnels: super::relay::Tunnels,
 }
 
 impl ShardState {
@@ -73,6 +75,8 @@ impl ShardState {
                 e2e: BTreeMap::new(),
             }),
             queued: RefCell::new(self.shared.shard_route(peer)),
+            held: RefCell::new(VecDeque::new()),
+            last_error: RefCell::new(None),
             timer: super::conn::Notify::default(),
             timer_running: Cell::new(true),
         });
@@ -126,10 +130,14 @@ pub(super) struct PathIo {
     pub dead: bool,
     /// Frames to encode for this path besides the session's (pings, pongs).
     pub control: Vec<FrameMessage>,
+    /// The pair's latency path (urgent streams only).
+    pub latency: bool,
+    /// The head every frame carries (a tunnel through a relay).
+    pub head: Option<crate::proto::MessageHead>,
 }
 
 impl PathIo {
-    pub fn new(datagram: bool) -> Self {
+    pub fn new(datagram: bool, latency: bool, head: Option<crate::proto::MessageHead>) -> Self {
         Self {
             out: BytesMut::new(),
             datagrams: VecDeque::new(),
@@ -138,6 +146,8 @@ impl PathIo {
             closing: false,
             dead: false,
             control: Vec::new(),
+            latency,
+            head,
         }
     }
 
@@ -145,8 +155,11 @@ impl PathIo {
         self.out.len() + self.datagrams.iter().map(Bytes::len).sum::<usize>()
     }
 
-    fn push_frame(&mut self, encoder: &Encoder, frame: &FrameMessage) {
-        match encoder.encode(frame, &mut self.out) {
+    fn push_frame(&mut self, encoder: &Encoder, mut frame: FrameMessage) {
+        if let Some(head) = &self.head {
+            frame.head = Some(head.clone());
+        }
+        match encoder.encode(&frame, &mut self.out) {
             Ok(_) if self.datagram => {
                 let datagram = self.out.split().freeze();
                 self.datagrams.push_back(datagram);
@@ -155,6 +168,17 @@ impl PathIo {
             // Only an oversized frame fails, and the session cuts by MTU.
             Err(e) => tracing::error!("cannot encode a frame: {e}"),
         }
+    }
+
+    /// Appends a frame encoded elsewhere (relays pass frames on as they
+    /// are), and wakes the writer.
+    pub fn push_encoded(&mut self, frame: &Bytes) {
+        if self.datagram {
+            self.datagrams.push_back(frame.clone());
+        } else {
+            self.out.extend_from_slice(frame);
+        }
+        self.wake();
     }
 
     fn wake(&mut self) {
@@ -204,7 +228,7 @@ impl EndpointState {
             let Some(path) = self.paths.get_mut(&id) else {
                 continue;
             };
-            path.push_frame(&shard.encoder, &transmit.into_frame());
+            path.push_frame(&shard.encoder, transmit.into_frame());
             if path.buffered() >= batch {
                 self.session.set_path_blocked(id, true);
             }
@@ -382,6 +406,11 @@ pub(super) struct Endpoint {
     /// Bytes sent to this peer from other threads, not yet in the session.
     /// The route's byte counter (replaced when the route is made again).
     queued: RefCell<super::Backlog>,
+    /// Relay: frames for this peer that wait for a connection to it.
+    pub held: RefCell<VecDeque<Bytes>>,
+    /// Why the last attempt to connect failed (told when messages are
+    /// given up on).
+    pub last_error: RefCell<Option<String>>,
     timer: super::conn::Notify,
     timer_running: Cell<bool>,
 }
@@ -393,7 +422,7 @@ impl Endpoint {
         shard: &Rc<ShardState>,
         id: PathId,
         config: PathConfig,
-        datagram: bool,
+        io: PathIo,
         incarnation: u64,
     ) {
         let mut st = self.state.borrow_mut();
@@ -432,7 +461,7 @@ impl Endpoint {
         }
         st.incarnation = Some(incarnation);
         st.session.add_path(id, config);
-        st.paths.insert(id, PathIo::new(datagram));
+        st.paths.insert(id, io);
         st.unreachable_since = None;
         drop(st);
         if !self.timer_running.replace(true) {
@@ -506,7 +535,7 @@ impl Endpoint {
             }
             for path in st.paths.values_mut() {
                 for frame in std::mem::take(&mut path.control) {
-                    path.push_frame(&shard.encoder, &frame);
+                    path.push_frame(&shard.encoder, frame);
                 }
             }
             if !st.e2e.is_empty() {
@@ -656,7 +685,10 @@ async fn timer_task(shard: Rc<ShardState>, endpoint: Rc<Endpoint>) {
                 && (!st.session.is_drained() || !st.pending.is_empty())
         };
         if stale {
-            let reason = format!("no connection to {:?} for {give_up:?}", endpoint.peer);
+            let reason = match endpoint.last_error.borrow().as_deref() {
+                Some(last) => format!("no connection to {:?} for {give_up:?} (last: {last})", endpoint.peer),
+                None => format!("no connection to {:?} for {give_up:?}", endpoint.peer),
+            };
             abandon(&shard, &endpoint, &reason);
             endpoint.state.borrow_mut().unreachable_since = Some(Instant::now());
             shard.shared.notify_writable();
@@ -690,6 +722,7 @@ pub(super) fn install(
         shutdown: super::conn::Notify::default(),
         dial_epochs: RefCell::new(super::name_map()),
         forgotten: RefCell::new(std::collections::HashSet::new()),
+        tunnels: super::relay::Tunnels::default(),
     });
     LOCAL.with(|l| *l.borrow_mut() = Some(state.clone()));
     // Shard 0 binds every listen address; the other shards bind the TCP
@@ -1085,6 +1118,7 @@ pub(super) fn shutdown(linger: Duration, done: crossbeam_channel::Sender<()>) {
         while endpoints.iter().any(|e| e.has_paths()) && Instant::now() < close_deadline {
             glommio::timer::sleep(Duration::from_millis(2)).await;
         }
+        super::relay::close_all(&state);
         // Whatever the peers did not acknowledge within the linger is lost:
         // say so.
         for endpoint in &endpoints {

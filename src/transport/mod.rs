@@ -18,6 +18,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream, UdpSocket};
@@ -25,7 +26,9 @@ use glommio::net::{TcpListener, TcpStream, UdpSocket};
 use crate::address::Address;
 
 pub mod quic;
+pub mod tunnel;
 pub use quic::{BridgeLink, QuicEndpoint, QuicLink};
+pub use tunnel::TunnelLink;
 
 /// One connected link, as the connection layer drives it.
 #[allow(async_fn_in_trait)] // shards are single-threaded: no Send bound wanted
@@ -44,6 +47,11 @@ pub trait Link: 'static {
     /// What another shard needs to take this connection over (see
     /// [`Handoff`]); the link must be dropped here without shutting it down.
     fn handoff(&self) -> io::Result<Handoff>;
+    /// The message head every frame on this link carries (tunnels through
+    /// relays name both ends); `None`: frames go without one.
+    fn frame_head(&self) -> Option<&crate::proto::MessageHead> {
+        None
+    }
 }
 
 /// A connection on its way to another shard: the socket itself (stream
@@ -64,7 +72,9 @@ pub enum Handoff {
     },
     /// A connection that stays on its shard (QUIC: the socket is shared by
     /// many connections); its bytes cross over.
-    Bridged(quic::BridgeEnd),
+    Bridged(ChannelEnd),
+    /// A tunnel through a relay: its channels move as they are.
+    Tunnel(tunnel::TunnelEnd),
 }
 
 impl Handoff {
@@ -91,6 +101,58 @@ impl Handoff {
                 }))
             }
             Handoff::Bridged(end) => Ok(Connected::Bridged(BridgeLink::new(end))),
+            Handoff::Tunnel(end) => Ok(Connected::Tunnel(TunnelLink::new(end))),
+        }
+    }
+}
+
+/// The end of a link whose bytes other tasks carry (a bridged QUIC
+/// connection, a tunnel through a relay): a bounded channel each way, which
+/// crosses threads.
+#[derive(Debug)]
+pub struct ChannelEnd {
+    rx: async_channel::Receiver<Bytes>,
+    tx: async_channel::Sender<Bytes>,
+    peer: String,
+}
+
+impl ChannelEnd {
+    /// An end receiving from `rx`, sending into `tx`; `peer` for logs.
+    pub fn new(rx: async_channel::Receiver<Bytes>, tx: async_channel::Sender<Bytes>, peer: String) -> Self {
+        Self { rx, tx, peer }
+    }
+
+    /// The next chunk; `None` once the other side is gone.
+    pub async fn recv(&self) -> Option<Bytes> {
+        self.rx.recv().await.ok()
+    }
+
+    /// Sends a copy of `buf` as one chunk; `ended` names what broke.
+    pub async fn send_copy(&self, buf: &[u8], ended: &'static str) -> io::Result<usize> {
+        self.tx
+            .send(Bytes::copy_from_slice(buf))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, ended))?;
+        Ok(buf.len())
+    }
+
+    /// Closes both directions.
+    pub fn close(&self) {
+        self.tx.close();
+        self.rx.close();
+    }
+
+    /// The peer, for logs.
+    pub fn peer(&self) -> String {
+        self.peer.clone()
+    }
+
+    /// Another handle on the same channels.
+    pub fn share(&self) -> Self {
+        Self {
+            rx: self.rx.clone(),
+            tx: self.tx.clone(),
+            peer: self.peer.clone(),
         }
     }
 }
@@ -255,6 +317,8 @@ pub enum Connected {
     Quic(QuicLink),
     /// A connection served on another shard (see [`Handoff::Bridged`]).
     Bridged(BridgeLink),
+    /// A connection through a relay.
+    Tunnel(TunnelLink),
 }
 
 /// Resolves `host:port` to one socket address (the first the resolver gives).
@@ -315,7 +379,7 @@ pub async fn connect(address: &Address, timeout: Duration) -> io::Result<Connect
                 inbox: None,
             }))
         }
-        Address::Quic { .. } | Address::Mem(_) => Err(io::Error::new(
+        Address::Quic { .. } | Address::Mem(_) | Address::Relay(_) => Err(io::Error::new(
             io::ErrorKind::Unsupported,
             format!("{address}: not a socket transport of this build"),
         )),
@@ -407,9 +471,9 @@ impl Listener {
                     .map(Listener::Quic)
                     .map_err(|e| annotate(e, address))
             }
-            Address::Mem(_) => Err(io::Error::new(
+            Address::Mem(_) | Address::Relay(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!("{address}: not a socket transport"),
+                format!("{address}: not a socket transport (nothing listens on it)"),
             )),
         }
     }

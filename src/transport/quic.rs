@@ -25,7 +25,7 @@ use quinn_proto::{
     WriteError,
 };
 
-use super::{Handoff, Link};
+use super::{ChannelEnd, Handoff, Link};
 use crate::runtime::Notify;
 
 /// Client connections that sent their first bytes as 0-RTT data (TLS
@@ -589,32 +589,20 @@ impl Link for QuicLink {
             }
         })
         .detach();
-        Ok(Handoff::Bridged(BridgeEnd {
-            rx: from_quic,
-            tx: to_quic,
-            peer: self.peer(),
-        }))
+        Ok(Handoff::Bridged(ChannelEnd::new(from_quic, to_quic, self.peer())))
     }
-}
-
-/// The home shard's end of a bridged connection (see [`BridgeLink`]).
-#[derive(Debug)]
-pub struct BridgeEnd {
-    rx: async_channel::Receiver<Bytes>,
-    tx: async_channel::Sender<Bytes>,
-    peer: String,
 }
 
 /// A connection served on another shard, seen from the peer's home shard:
 /// bytes cross through bounded channels.
 pub struct BridgeLink {
-    end: BridgeEnd,
+    end: ChannelEnd,
     leftover: RefCell<Bytes>,
 }
 
 impl BridgeLink {
     /// The link over `end`.
-    pub fn new(end: BridgeEnd) -> Self {
+    pub fn new(end: ChannelEnd) -> Self {
         Self {
             end,
             leftover: RefCell::new(Bytes::new()),
@@ -629,9 +617,9 @@ impl Link for BridgeLink {
 
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         if self.leftover.borrow().is_empty() {
-            match self.end.rx.recv().await {
-                Ok(chunk) => *self.leftover.borrow_mut() = chunk,
-                Err(_) => return Ok(0),
+            match self.end.recv().await {
+                Some(chunk) => *self.leftover.borrow_mut() = chunk,
+                None => return Ok(0),
             }
         }
         let mut left = self.leftover.borrow_mut();
@@ -641,21 +629,15 @@ impl Link for BridgeLink {
     }
 
     async fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        self.end
-            .tx
-            .send(Bytes::copy_from_slice(buf))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "bridged connection ended"))?;
-        Ok(buf.len())
+        self.end.send_copy(buf, "bridged connection ended").await
     }
 
     async fn shutdown(&self) {
-        self.end.tx.close();
-        self.end.rx.close();
+        self.end.close();
     }
 
     fn peer(&self) -> String {
-        self.end.peer.clone()
+        self.end.peer()
     }
 
     fn handoff(&self) -> io::Result<Handoff> {

@@ -110,12 +110,14 @@ pub fn packet_data(max_large: usize) -> impl Strategy<Value = PacketData> {
 }
 
 pub fn head() -> impl Strategy<Value = MessageHead> {
-    (".{0,24}", ".{0,24}", ".{0,24}", any::<i64>()).prop_map(
-        |(source, destination, forward_for_source, forward_for_connection_id)| MessageHead {
+    (".{0,24}", ".{0,24}", ".{0,24}", any::<i64>(), 0i32..16, any::<u64>()).prop_map(
+        |(source, destination, forward_for_source, forward_for_connection_id, hops, tunnel)| MessageHead {
             source,
             destination,
             forward_for_source,
             forward_for_connection_id,
+            hops,
+            tunnel,
         },
     )
 }

@@ -43,6 +43,7 @@ pub fn handshake_version(name: &str, version: i32) -> FrameMessage {
         record: Bytes::new(),
         latency_path: false,
         auth: None,
+        relay: false,
     })
 }
 

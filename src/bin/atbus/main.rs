@@ -113,6 +113,79 @@ enum Command {
         #[arg(long, default_value = "atbus-ca")]
         ca_name: String,
     },
+    /// Client tokens for untrusted networks.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Asks a running server node (its admin endpoint, `admin:` in its
+    /// config) to allocate a client: name, stream id and token, registered
+    /// in its discovery. Prints the grant (JSON) and the client's YAML keys.
+    Issue {
+        /// The server's admin endpoint, host:port.
+        #[arg(long)]
+        admin: String,
+        /// The one stream the client may use.
+        #[arg(long)]
+        stream: i64,
+        /// Seconds the grant is valid.
+        #[arg(long, default_value_t = 3600)]
+        ttl_s: u64,
+        /// The client's name (default: a random `client-…`).
+        #[arg(long)]
+        name: Option<String>,
+        /// The client's relays: nodes whose metadata `kind` is this.
+        #[arg(long)]
+        relay_kind: Option<String>,
+    },
+}
+
+fn run_token_issue(
+    admin: &str,
+    stream: i64,
+    ttl_s: u64,
+    name: Option<&str>,
+    relay_kind: Option<&str>,
+) -> Result<(), String> {
+    let mut url = format!("http://{admin}/clients?stream={stream}&ttl_s={ttl_s}");
+    for (key, value) in [("name", name), ("relay_kind", relay_kind)] {
+        if let Some(value) = value {
+            if !value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+            {
+                return Err(format!(
+                    "--{}: {value:?} is not a node name or kind",
+                    key.replace('_', "-")
+                ));
+            }
+            url.push_str(&format!("&{key}={value}"));
+        }
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut response = agent.post(&url).send_empty().map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{url}: {status}: {}", body.trim()));
+    }
+    let grant: libatbus::grant::ClientGrant =
+        serde_json::from_str(&body).map_err(|e| format!("{url}: unexpected answer ({e}): {body}"))?;
+    println!("{body}");
+    eprintln!(
+        "# the client's config: name: {}, client: true, auth: {{ tokens: [\"{}\"] }}; it may send to {} on stream {} until {} (Unix s)",
+        grant.name, grant.token, grant.server, grant.stream_id, grant.expires
+    );
+    Ok(())
 }
 
 fn run_cert(out: &std::path::Path, names: &[String], ca_name: &str) -> Result<(), String> {
@@ -177,6 +250,13 @@ fn main() -> ExitCode {
         } => run_ping(&config, &to, count, Duration::from_millis(interval_ms)),
         Command::Bench(args) => bench::run(args),
         Command::Cert { out, names, ca_name } => run_cert(&out, &names, &ca_name),
+        Command::Token(TokenCommand::Issue {
+            admin,
+            stream,
+            ttl_s,
+            name,
+            relay_kind,
+        }) => run_token_issue(&admin, stream, ttl_s, name.as_deref(), relay_kind.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
