@@ -15,6 +15,11 @@
 //!   saturate the same connection, sent in the throughput class (`send`) and
 //!   in the latency class (`send_urgent`), and on bare sockets (`raw`).
 //!
+//! With `--via-relay N` (tcp only), the two nodes cannot reach each other
+//! and talk through N relay hops (relay nodes in this process, unpinned,
+//! each with a host of its own so nothing takes the in-process path): the
+//! rows' `transport` reads `tcp+relayN`, beside the same raw TCP baseline.
+//!
 //! Payloads are static `Bytes` (see [`static_payload`]).
 
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -66,6 +71,10 @@ pub struct BenchArgs {
     /// the same run as the plain ones (`"e2e": true` rows).
     #[arg(long)]
     e2e: bool,
+    /// Relay hops between the two nodes (0, 1 or 2; tcp only): measures the
+    /// path through `atbus-relay` nodes against direct.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    via_relay: u8,
 }
 
 /// Streams the bench encrypts when `--e2e` is on: bulk, ping.
@@ -132,10 +141,28 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
     if let Some(bad) = args.sizes.iter().find(|&&s| s == 0 || s > 1 << 20) {
         return Err(format!("--size {bad}: must be 1..=1048576"));
     }
+    if args.via_relay > 0 {
+        if args.transports.iter().any(|t| t != "tcp") {
+            return Err("--via-relay: relays are measured on tcp only (add --transport tcp)".into());
+        }
+        if args.e2e {
+            return Err("--via-relay with --e2e is not measured".into());
+        }
+    }
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     eprintln!("# {} cores; nodes pinned to cores 0 and 1", cores.len());
-    for transport in &args.transports {
-        let pair = Pair::start(transport, args.path_window, args.e2e)?;
+    for transport_name in &args.transports {
+        let label = if args.via_relay > 0 {
+            format!("{transport_name}+relay{}", args.via_relay)
+        } else {
+            transport_name.clone()
+        };
+        let pair = if args.via_relay > 0 {
+            Pair::through_relays(args.via_relay, args.path_window)?
+        } else {
+            Pair::start(transport_name, args.path_window, args.e2e)?
+        };
+        let transport = &label;
         let variants: &[bool] = if args.e2e && transport != "mem" {
             &[false, true]
         } else {
@@ -154,7 +181,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
                         Some(measured) => measured,
                         None => {
                             let measured = isolated({
-                                let transport = transport.clone();
+                                let transport = transport_name.clone();
                                 move || baseline_throughput(&transport, payload, messages)
                             });
                             plain = Some(measured);
@@ -178,7 +205,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
             }
         }
         let base = isolated({
-            let (transport, trips) = (transport.clone(), args.round_trips);
+            let (transport, trips) = (transport_name.clone(), args.round_trips);
             move || baseline_rtt(&transport, trips)
         });
         for &e2e in variants {
@@ -215,7 +242,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
                 });
             }
             let (hist, bulk) = isolated({
-                let (transport, rate) = (transport.clone(), args.bulk_rate);
+                let (transport, rate) = (transport_name.clone(), args.bulk_rate);
                 move || baseline_under_bulk(&transport, trips, rate)
             });
             print_json(&Class {
@@ -274,6 +301,8 @@ struct Pair {
     a: Arc<Node>,
     b: Arc<Node>,
     dir: Option<std::path::PathBuf>,
+    /// Relay nodes between them (`--via-relay`).
+    relays: Vec<Node>,
 }
 
 impl Pair {
@@ -332,7 +361,114 @@ impl Pair {
                 thread::sleep(Duration::from_millis(2));
             }
         }
-        Ok(Pair { a, b, dir })
+        Ok(Pair {
+            a,
+            b,
+            dir,
+            relays: Vec::new(),
+        })
+    }
+
+    /// a and b in namespaces of their own, reachable only from a relay
+    /// (`hops` = 1: one relay both use; 2: a's relay hands over to b's), on
+    /// a discovery registry of their own.
+    fn through_relays(hops: u8, path_window: Option<usize>) -> Result<Pair, String> {
+        use libatbus::discovery::{Gateway, Host, Match, MemoryDiscovery, Metadata, RelaySelector};
+        let discovery = Arc::new(MemoryDiscovery::new());
+        let meta = |namespace: &str, kind: &str| Metadata {
+            namespace_name: namespace.into(),
+            kind: kind.into(),
+            ..Metadata::default()
+        };
+        let node = |name: &str, metadata: Metadata, rule: Option<Match>, relay: Option<&str>, core: Option<usize>| {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| e.to_string())?
+                .port();
+            let address = format!("tcp://127.0.0.1:{port}");
+            let mut config = NodeConfig::new(name, &[&address]).map_err(|e| e.to_string())?;
+            config.discovery = libatbus::node::DiscoverySource(discovery.clone());
+            config.host = Some(Host {
+                hostname: format!("bench-host-{name}"),
+                pid: 1,
+            });
+            config.metadata = metadata;
+            config.gateways = vec![Gateway {
+                priority: 1,
+                address: vec![address],
+                r#match: rule,
+            }];
+            config.advertise_relay = relay.map(|r| RelaySelector {
+                name: r.into(),
+                metadata: None,
+            });
+            match core {
+                Some(core) => config.runtime.first_core = core,
+                None => config.runtime.pin = false,
+            }
+            config.relay.forward = core.is_none();
+            if let Some(window) = path_window {
+                config.stream.path_window = window;
+            }
+            Node::start(config).map_err(|e| e.to_string())
+        };
+        // One hop: a and b admit relays only; two: each admits its own
+        // namespace only, where its relay is.
+        let only = |namespace: &str| {
+            Some(Match {
+                host: None,
+                metadata: Some(if hops == 1 {
+                    meta("", "relay")
+                } else {
+                    meta(namespace, "")
+                }),
+            })
+        };
+        let (relay_a, relay_b) = if hops == 1 {
+            ("bench-relay", "bench-relay")
+        } else {
+            ("bench-relay-a", "bench-relay-b")
+        };
+        let mut relays = vec![node(relay_a, meta("bench-na", "relay"), None, None, None)?];
+        if hops == 2 {
+            relays.push(node(relay_b, meta("bench-nb", "relay"), None, None, None)?);
+        }
+        let a = Arc::new(node(
+            PEER_A,
+            meta("bench-na", "app"),
+            only("bench-na"),
+            Some(relay_a),
+            Some(0),
+        )?);
+        let b = Arc::new(node(
+            PEER_B,
+            meta("bench-nb", "app"),
+            only("bench-nb"),
+            Some(relay_b),
+            Some(1),
+        )?);
+        // A first message makes the routes (and the tunnel) both ways.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (from, to, peer) in [(&a, &b, PEER_B), (&b, &a, PEER_A)] {
+            from.send(peer, 9, Bytes::from_static(b"hello"))
+                .map_err(|e| e.to_string())?;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match to.recv_timeout(left) {
+                    Some(m) if m.stream_id == 9 => break,
+                    Some(_) => continue,
+                    None => return Err("the nodes never met through the relays".into()),
+                }
+            }
+        }
+        let through: Vec<String> = a.connected_peers();
+        eprintln!("# {PEER_A} is connected to {through:?}");
+        Ok(Pair {
+            a,
+            b,
+            dir: None,
+            relays,
+        })
     }
 
     /// One-way messages from a to b for `period`: (messages, messages/s,
@@ -453,6 +589,9 @@ impl Pair {
     fn stop(self) {
         self.a.stop(Duration::from_millis(200));
         self.b.stop(Duration::from_millis(200));
+        for relay in &self.relays {
+            relay.stop(Duration::from_millis(200));
+        }
         if let Some(dir) = self.dir {
             let _ = std::fs::remove_dir_all(dir);
         }

@@ -1,14 +1,16 @@
-//! `atbus demo`: four nodes in this process on the embedded discovery. Each
-//! finds the next one by name, and routing picks the transport from their
-//! records:
+//! `atbus demo`: five nodes and a relay in this process on the embedded
+//! discovery. Each node finds the next one by name, and routing picks the
+//! way from their records:
 //!
 //! ```text
-//!   alpha ──mem──► delta ──unix──► beta ──tcp──► gamma ──tcp──► alpha
+//!   alpha ──mem──► delta ──unix──► beta ──tcp──► gamma ──relay──► epsilon ──tcp──► alpha
 //! ```
 //!
 //! alpha and delta advertise this process (mem); beta advertises another pid
 //! on this host (a unix socket between them); gamma advertises another host
-//! (tcp). Every link carries paced bulk messages and a frame-sync ping each
+//! (tcp); epsilon sits in namespace `edge` and admits relays only, so gamma
+//! reaches it through `relay` (an `atbus-relay` node, here in-process).
+//! Every link carries paced bulk messages and a frame-sync ping each
 //! millisecond on an urgent stream, echoed back; every second the demo prints
 //! each link's rate and round-trip percentiles.
 
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use libatbus::discovery::Host;
+use libatbus::discovery::{Gateway, Host, Match, Metadata};
 use libatbus::node::{Node, NodeConfig, RouteInfo, SendError};
 
 /// `atbus demo` options.
@@ -70,7 +72,13 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     let here = hostname();
     let pid = i64::from(tag);
     // name, advertised host (None: this process).
-    let specs: [(&str, Option<Host>); 4] = [
+    let other_host = |suffix: &str, offset: i64| {
+        Some(Host {
+            hostname: format!("{here}-{suffix}.demo"),
+            pid: pid + offset,
+        })
+    };
+    let specs: [(&str, Option<Host>); 5] = [
         ("alpha", None),
         (
             "beta",
@@ -79,29 +87,64 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
                 pid: pid + 1,
             }),
         ),
-        (
-            "gamma",
-            Some(Host {
-                hostname: format!("{here}-gamma.demo"),
-                pid: pid + 2,
-            }),
-        ),
+        ("gamma", other_host("gamma", 2)),
         ("delta", None),
+        ("epsilon", other_host("epsilon", 3)),
     ];
     let cores = core_affinity::get_core_ids().map_or(1, |c| c.len().max(1));
+    let relay_kind = Metadata {
+        kind: "relay".into(),
+        ..Metadata::default()
+    };
+    // The relay: another host, open to everyone; it only forwards.
+    let relay = {
+        let mut config = NodeConfig::new("relay", &["tcp://127.0.0.1:0"]).map_err(|e| e.to_string())?;
+        config.host = other_host("relay", 4);
+        config.metadata = relay_kind.clone();
+        config.relay.forward = true;
+        config.runtime.pin = false;
+        Node::start(config).map_err(|e| format!("relay: {e}"))?
+    };
+    let addresses: Vec<String> = relay.listen_addresses().iter().map(ToString::to_string).collect();
+    println!("relay listens on {} (forwards)", addresses.join(", "));
     let mut nodes = Vec::new();
     for (i, (name, host)) in specs.into_iter().enumerate() {
         let unix = format!("unix://{}", dir.join(format!("{name}.sock")).display());
         let mut config = NodeConfig::new(name, &["tcp://127.0.0.1:0", &unix]).map_err(|e| e.to_string())?;
         config.runtime.first_core = i % cores;
         config.host = host;
+        if name == "epsilon" {
+            // Behind the relay: its gateway admits relays only.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| e.to_string())?
+                .port();
+            let address = format!("tcp://127.0.0.1:{port}");
+            config.listen = vec![address.parse().map_err(|e| format!("{e}"))?];
+            config.metadata = Metadata {
+                namespace_name: "edge".into(),
+                ..Metadata::default()
+            };
+            config.gateways = vec![Gateway {
+                priority: 1,
+                address: vec![address],
+                r#match: Some(Match {
+                    host: None,
+                    metadata: Some(relay_kind.clone()),
+                }),
+            }];
+            config.advertise_relay = Some(libatbus::discovery::RelaySelector {
+                name: "relay".into(),
+                metadata: None,
+            });
+        }
         let node = Node::start(config).map_err(|e| format!("{name}: {e}"))?;
         let addresses: Vec<String> = node.listen_addresses().iter().map(ToString::to_string).collect();
-        println!("{name:>5} listens on {}", addresses.join(", "));
+        println!("{name:>7} listens on {}", addresses.join(", "));
         nodes.push(Arc::new(node));
     }
-    // alpha → delta → beta → gamma → alpha (indices into `nodes`).
-    let ring = [(0, 3), (3, 1), (1, 2), (2, 0)];
+    // alpha → delta → beta → gamma → epsilon → alpha (indices into `nodes`).
+    let ring = [(0, 3), (3, 1), (1, 2), (2, 4), (4, 0)];
     let mut links = Vec::new();
     for (from, to) in ring {
         links.push(Arc::new(Link {
@@ -153,7 +196,7 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
                 .filter(|h| !h.is_empty())
                 .map_or((0, 0), |h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99)));
             println!(
-                "{:>5} → {:<5} [{via:<4}] {rate:>9.0} msgs/s  total {received:>9}  rtt since start p50 {p50:>5} µs p99 {p99:>6} µs",
+                "{:>7} → {:<7} [{via:<5}] {rate:>9.0} msgs/s  total {received:>9}  rtt since start p50 {p50:>5} µs p99 {p99:>6} µs",
                 from.name(),
                 to.name()
             );
@@ -171,13 +214,14 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     let elapsed = started.elapsed().as_secs_f64();
     let total: u64 = links.iter().map(|l| l.received.load(Ordering::Relaxed)).sum();
     println!(
-        "=== {total} messages in {elapsed:.1} s ({:.0} msgs/s over 4 links)",
-        total as f64 / elapsed
+        "=== {total} messages in {elapsed:.1} s ({:.0} msgs/s over {} links)",
+        total as f64 / elapsed,
+        links.len()
     );
     for node in &nodes {
         let stats = node.stats();
         println!(
-            "{:>5}: {} connections, {} messages received, {} bad frames",
+            "{:>7}: {} connections, {} messages received, {} bad frames",
             node.name(),
             stats.connections_established,
             stats.messages_received,
@@ -187,9 +231,18 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
             failures.push(format!("{}: {} bad frames", node.name(), stats.bad_frames));
         }
     }
+    let relayed = relay.stats();
+    println!(
+        "  relay: {} frames forwarded, {} dropped",
+        relayed.relayed_frames, relayed.relay_dropped
+    );
+    if relayed.relayed_frames == 0 {
+        failures.push("nothing went through the relay".into());
+    }
     for node in &nodes {
         node.stop(Duration::from_millis(500));
     }
+    relay.stop(Duration::from_millis(200));
     let _ = std::fs::remove_dir_all(&dir);
     if total == 0 {
         failures.push("no message arrived".into());
@@ -201,7 +254,9 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
 }
 
 fn specs_names() -> Vec<String> {
-    ["alpha", "beta", "gamma", "delta"].map(String::from).to_vec()
+    ["alpha", "beta", "gamma", "delta", "epsilon"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn describe(route: Option<RouteInfo>) -> String {
