@@ -18,7 +18,10 @@
 //! ```
 //!
 //! Every key is optional but `name`; unknown keys are errors (a typo never
-//! passes silently). Values are checked by [`NodeConfig::validate`], whose
+//! passes silently). `${VAR}` anywhere in the text is replaced by the
+//! environment variable `VAR` before parsing (a pod's name and IP from the
+//! Kubernetes downward API, say); an unset variable is an error, and `$${`
+//! stands for a literal `${`. Values are checked by [`NodeConfig::validate`], whose
 //! errors name the field.
 
 use std::path::{Path, PathBuf};
@@ -213,10 +216,49 @@ fn millis(target: &mut Duration, value: Option<u64>) {
     }
 }
 
+/// Replaces every `${NAME}` in `text` by `lookup(NAME)` (`$${` is a literal
+/// `${`); an unknown or malformed reference is an error naming it.
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, NodeError> {
+    let bad = |reason: String| NodeError::Config { field: "file", reason };
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        if rest[..at].ends_with('$') {
+            out.push_str(&rest[..at]);
+            out.push('{');
+            rest = &rest[at + 2..];
+            continue;
+        }
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| bad(format!("unclosed ${{ in {:?}", &rest[at..rest.len().min(at + 40)])))?;
+        let name = &after[..end];
+        let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(bad(format!("${{{name}}}: not a variable name")));
+        }
+        let value = lookup(name).ok_or_else(|| bad(format!("${{{name}}}: the environment variable is not set")))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 impl NodeFile {
-    /// Parses YAML text; errors carry the line and the offending key.
+    /// Parses YAML text after [`expand_env`] with the process environment;
+    /// errors carry the line and the offending key.
     pub fn parse(text: &str) -> Result<Self, NodeError> {
-        yaml_serde::from_str(text).map_err(|e| NodeError::Config {
+        Self::parse_with_env(text, |name| std::env::var(name).ok())
+    }
+
+    /// As [`NodeFile::parse`], variables from `lookup`.
+    pub fn parse_with_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Self, NodeError> {
+        let text = expand_env(text, lookup)?;
+        yaml_serde::from_str(&text).map_err(|e| NodeError::Config {
             field: "file",
             reason: e.to_string(),
         })
@@ -390,6 +432,30 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environment_variables_are_expanded_and_missing_ones_named() {
+        let env = |name: &str| match name {
+            "POD_NAME" => Some("app-0".to_string()),
+            "POD_IP" => Some("10.1.2.3".to_string()),
+            _ => None,
+        };
+        let text = "name: ${POD_NAME}\nlisten: [tcp://${POD_IP}:7000]\n# $${literal}\n";
+        assert_eq!(
+            expand_env(text, env).expect("expands"),
+            "name: app-0\nlisten: [tcp://10.1.2.3:7000]\n# ${literal}\n"
+        );
+        let file = NodeFile::parse_with_env(text, env).expect("parses");
+        assert_eq!(file.name, "app-0");
+        for (bad, says) in [
+            ("${NOPE}", "NOPE"),
+            ("${1X}", "not a variable"),
+            ("x ${OPEN", "unclosed"),
+        ] {
+            let err = expand_env(bad, env).expect_err(bad).to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn a_full_file_becomes_a_config() {
