@@ -141,3 +141,77 @@ fn safe_to_delete_waits_for_acknowledgements() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `/stats`: the windows (1, 5, 15, 60 s) follow a known exchange, per node
+/// and per connection, with round-trip mean, variance and percentiles;
+/// `/metrics` carries the per-connection series.
+#[test]
+fn stats_windows_follow_a_known_exchange() {
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let a = start("admin-e", &["tcp://127.0.0.1:0"], &discovery);
+    let b = start("admin-f", &["tcp://127.0.0.1:0"], &discovery);
+    a.add_route("admin-f", tcp(&b)).expect("route");
+    for i in 0..2000u32 {
+        let mut data = vec![0u8; 100];
+        data[..4].copy_from_slice(&i.to_le_bytes());
+        a.send_blocking("admin-f", 1, Bytes::from(data), Duration::from_secs(10))
+            .expect("send");
+    }
+    for _ in 0..2000 {
+        b.recv_timeout(Duration::from_secs(10)).expect("delivered");
+    }
+    let b_admin = b.admin_address().expect("admin runs");
+    // Samples come once a second; round trips every 100 ms.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let stats: serde_json::Value = loop {
+        let (status, body) = get(b_admin, "/stats");
+        if status == 200 {
+            let stats: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            let rtt = &stats["windows"][1]["rtt_mean_ms"];
+            if stats["windows"].as_array().is_some_and(|w| w.len() == 4) && rtt.is_number() {
+                break stats;
+            }
+        }
+        assert!(Instant::now() < deadline, "no full /stats: {status} {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let windows: Vec<u64> = stats["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .filter_map(|w| w["window_s"].as_u64())
+        .collect();
+    assert_eq!(windows, [1, 5, 15, 60]);
+    assert_eq!(stats["totals"]["messages_received"], 2000);
+    assert_eq!(stats["totals"]["bytes_received"], 200_000);
+    // A window's rate times its span is what arrived in it: never more than
+    // the 2000 messages (the part before the first sample is outside).
+    let w60 = &stats["windows"][3];
+    let span = w60["span_s"].as_f64().expect("span");
+    let rate = w60["messages_received_per_s"].as_f64().expect("rate");
+    assert!(rate * span <= 2000.5, "{w60}");
+    let variance = stats["windows"][3]["rtt_variance_ms2"].as_f64().expect("variance");
+    assert!(variance >= 0.0);
+    assert!(
+        stats["windows"][3]["rtt_p99_ms"].as_f64().is_some_and(|p| p > 0.0),
+        "{stats}"
+    );
+    // The connection from admin-e: at least the 200 000 payload bytes in.
+    let connections = stats["connections"].as_array().expect("connections");
+    let from_e = connections
+        .iter()
+        .find(|c| c["peer"] == "admin-e")
+        .unwrap_or_else(|| panic!("no connection from admin-e: {stats}"));
+    assert!(
+        from_e["totals"]["rx_bytes"].as_u64().is_some_and(|b| b >= 200_000),
+        "{from_e}"
+    );
+    assert!(from_e["totals"]["rtt"]["count"].as_u64().is_some_and(|n| n >= 1));
+    assert_eq!(from_e["windows"].as_array().map(Vec::len), Some(4));
+    let (_, metrics) = get(b_admin, "/metrics");
+    assert!(
+        value(&metrics, "atbus_connection_received_bytes_total") >= 200_000.0,
+        "{metrics}"
+    );
+    assert!(metrics.contains("peer=\"admin-e\""), "{metrics}");
+}

@@ -275,3 +275,34 @@ fn token_issue_allocates_a_client_through_the_admin_endpoint() {
     assert!(stderr.contains("taken"), "{stderr}");
     server.stop(std::time::Duration::from_millis(100));
 }
+
+/// `atbus stats` shows a running node's windows from its admin endpoint.
+#[test]
+#[cfg(feature = "admin")]
+fn stats_shows_a_node_live() {
+    use libatbus::node::{Node, NodeConfig};
+    let mut config = NodeConfig::new("stats-node", &["tcp://127.0.0.1:0"]).expect("config");
+    config.admin = Some("127.0.0.1:0".parse().expect("address"));
+    let node = Node::start(config).expect("node");
+    let admin = node.admin_address().expect("admin endpoint").to_string();
+    let out = Command::new(ATBUS)
+        .args(["stats", "--admin", &admin, "--count", "2", "--window", "1"])
+        .output()
+        .expect("atbus runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("stats-node (last 1 s)"))
+            .count(),
+        2,
+        "{stdout}"
+    );
+    let bad = Command::new(ATBUS)
+        .args(["stats", "--admin", &admin, "--window", "7"])
+        .output()
+        .expect("atbus runs");
+    assert!(!bad.status.success());
+    node.stop(Duration::from_millis(100));
+}

@@ -14,6 +14,17 @@ use libatbus::discovery::{
 };
 use libatbus::node::{DiscoverySource, Node, NodeConfig, RelayPolicy};
 
+/// `ATBUS_LOG=debug cargo test --test relay -- --nocapture` shows the
+/// nodes' logs.
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("ATBUS_LOG").unwrap_or_default(),
+        ))
+        .with_test_writer()
+        .try_init();
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -168,6 +179,7 @@ fn exchange(from: &Node, to: &Node, count: u64) {
 
 #[test]
 fn cross_namespace_through_two_relays() {
+    logs();
     let discovery = Arc::new(MemoryDiscovery::new());
     let relay1 = start(relay("relay1", "ns1", false), &discovery);
     let relay2 = start(relay("relay2", "ns2", false), &discovery);
@@ -198,6 +210,7 @@ fn forwarded_during(relay: &Node, work: impl FnOnce()) -> u64 {
 /// and one preferring its own goes through relay1 first.
 #[test]
 fn own_relay_and_target_relay_policies_take_their_paths() {
+    logs();
     let discovery = Arc::new(MemoryDiscovery::new());
     let relay1 = start(relay("pol-relay1", "ns1", false), &discovery);
     let relay2 = start(relay("pol-relay2", "ns2", true), &discovery);
@@ -273,6 +286,7 @@ fn quick_app(name: &'static str, namespace: &str, advertise: RelaySelector, disc
 /// ROUTER_NOT_FOUND on the tunnel, and the sender's give-up report says so.
 #[test]
 fn an_unreachable_destination_gets_router_not_found() {
+    logs();
     let discovery = Arc::new(MemoryDiscovery::new());
     let relay_a = start(relay("relay-a", "ns1", false), &discovery);
     let app = quick_app("lonely", "ns1", relay_of("ns1"), &discovery);
@@ -294,6 +308,7 @@ fn an_unreachable_destination_gets_router_not_found() {
 /// until the hop limit, where it is dropped and the sender told HOP_LIMIT.
 #[test]
 fn a_relay_loop_ends_at_the_hop_limit() {
+    logs();
     let discovery = Arc::new(MemoryDiscovery::new());
     let mut relays = Vec::new();
     for (name, next) in [("loop-a", "loop-b"), ("loop-b", "loop-c"), ("loop-c", "loop-a")] {
@@ -344,6 +359,7 @@ fn client(grant: &libatbus::grant::ClientGrant, token: &str, discovery: &Arc<Mem
 /// closed UNAUTHORIZED, and nothing of it reaches the server.
 #[test]
 fn an_allocated_client_gets_through_and_a_forged_one_does_not() {
+    logs();
     let discovery = Arc::new(MemoryDiscovery::new());
     let server = start(
         Spec {

@@ -30,7 +30,11 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_level = std::env::var("ATBUS_LOG").unwrap_or_else(|_| "warn".into());
+    let from_file = libatbus::node::NodeFile::load(&cli.config).ok().and_then(|f| f.log);
+    let log_level = std::env::var("ATBUS_LOG")
+        .ok()
+        .or(from_file)
+        .unwrap_or_else(|| "warn".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(log_level))
         .with_writer(std::io::stderr)

@@ -8,6 +8,9 @@
 //!   unacknowledged, else 409 with the reasons (a Kubernetes preStop hook
 //!   polls it);
 //! - `GET /connections`: JSON of the node's routes and counters;
+//! - `GET /stats`: JSON of rates, loss and latency of the node and of each
+//!   connection over the last 1, 5, 15 and 60 s ([`super::Node::stats_report`];
+//!   `atbus stats` shows it live);
 //! - `POST /clients?stream=N&ttl_s=S[&name=X][&relay_kind=K]`: allocates a
 //!   client on an untrusted network ([`crate::grant`]) and answers its grant
 //!   as JSON, token included: bind the endpoint where only operators reach
@@ -97,6 +100,7 @@ pub(super) fn start(shared: &Arc<Shared>, address: SocketAddr) -> Result<AdminSe
                     .route("/readyz", get(readyz))
                     .route("/safe-to-delete", get(safe_to_delete))
                     .route("/connections", get(connections))
+                    .route("/stats", get(stats))
                     .route("/clients", post(issue_client))
                     .with_state(admin);
                 let served = axum::serve(listener, app)
@@ -234,6 +238,20 @@ async fn issue_client(
         Err(e) => (
             StatusCode::BAD_REQUEST,
             axum::Json(serde_json::json!({"error": e.to_string()})),
+        ),
+    }
+}
+
+async fn stats(State(admin): State<Admin>) -> (StatusCode, axum::Json<serde_json::Value>) {
+    match admin.node().map(|node| node.stats_report()) {
+        Some(Some(report)) => (StatusCode::OK, axum::Json(serde_json::json!(report))),
+        Some(None) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"error": "no sample yet (one a second)"})),
+        ),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"error": "the node stopped"})),
         ),
     }
 }

@@ -15,6 +15,7 @@
 //! relay: { forward: false, policy: own, max_hops: 8 }  # own | target; forward: this is a relay
 //! advertise_relay: { metadata: { namespace_name: game, kind: relay } }
 //! client: false                    # true: dial only own relays (type: client)
+//! log: info                        # the binaries' log filter (ATBUS_LOG wins)
 //! ```
 //!
 //! Every key is optional but `name`; unknown keys are errors (a typo never
@@ -81,6 +82,10 @@ pub struct NodeFile {
     pub advertise_relay: Option<crate::discovery::RelaySelector>,
     /// A client: dials only its own relays.
     pub client: Option<bool>,
+    /// Log filter of the `atbus` / `atbus-relay` binaries (tracing
+    /// `EnvFilter` syntax, e.g. `info` or `libatbus=debug`); the `ATBUS_LOG`
+    /// environment variable wins over it. Default `warn`.
+    pub log: Option<String>,
 }
 
 /// `relay:` — see [`super::RelayConfig`].

@@ -1172,7 +1172,13 @@ async fn read_loop<L: Link>(
             None => return End::Io("write failed".into()),
             Some(Ok(0)) if awaiting => return End::ResumptionFailed,
             Some(Ok(0)) => return End::Io("closed by peer".into()),
-            Some(Ok(_)) => last_rx = Instant::now(),
+            Some(Ok(n)) => {
+                last_rx = Instant::now();
+                if let Some(path) = endpoint.state.borrow_mut().paths.get_mut(&path_id) {
+                    path.counts.rx_bytes += n as u64;
+                    path.counts.rx_frames += frames.len() as u64;
+                }
+            }
             Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {}
             Some(Err(_)) if awaiting => return End::ResumptionFailed,
             Some(Err(e)) => return End::Io(e.to_string()),
@@ -1234,7 +1240,10 @@ fn resumption_reply(
                 )
                 .map_err(|e| format!("peer {:?}: {e}", endpoint.peer))
         });
-    checked.map_err(unauthorized)
+    checked.map_err(unauthorized)?;
+    // What the ticket could not tell: whether the acceptor relays.
+    peer.hello.relay = hello.relay;
+    Ok(())
 }
 
 /// What is wrong with a frame.
@@ -1310,9 +1319,12 @@ fn handle_frame(
         Some(Body::Pong(pong)) => {
             let sent = epoch + Duration::from_micros(u64::try_from(pong.timepoint_microseconds).unwrap_or(0));
             let rtt = now.saturating_duration_since(sent);
-            state.shared.shard_metrics[state.index]
-                .rtt_ms
-                .observe(rtt.as_secs_f64() * 1000.0);
+            let ms = rtt.as_secs_f64() * 1000.0;
+            state.shared.shard_metrics[state.index].rtt_ms.observe(ms);
+            state.shared.record_rtt(rtt);
+            if let Some(path) = endpoint.state.borrow_mut().paths.get_mut(&path_id) {
+                path.counts.rtt.observe(ms);
+            }
             tracing::trace!(peer = %endpoint.peer, ?rtt, "pong");
             return Ok(());
         }

@@ -664,6 +664,11 @@ struct Shared {
     /// Relay: next hops discovery gave per destination (cleared on every
     /// discovery change).
     forward_plans: RwLock<NameMap<Arc<[Arc<str>]>>>,
+    /// Round trips (µs) since the stats sampler last took them (one per
+    /// pong: once a second per connection, off the message path).
+    rtt_us: Mutex<hdrhistogram::Histogram<u64>>,
+    /// The last minute of per-second samples ([`metrics::Windows`]).
+    windows: Mutex<metrics::Windows>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -755,7 +760,46 @@ impl Shared {
     }
 
     fn metrics_text(&self) -> String {
-        metrics::encode_text(&self.name, &self.shard_metrics, &self.stats())
+        let connections = self
+            .windows
+            .lock()
+            .ok()
+            .and_then(|w| w.report(&self.name))
+            .map(|r| r.connections)
+            .unwrap_or_default();
+        metrics::encode_text(&self.name, &self.shard_metrics, &self.stats(), &connections)
+    }
+
+    /// A pong's round trip, for the windows' percentiles.
+    fn record_rtt(&self, rtt: Duration) {
+        if let Ok(mut hist) = self.rtt_us.lock() {
+            let _ = hist.record(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1));
+        }
+    }
+
+    /// Takes one sample of the node and its connections (the sampler
+    /// thread, once a second).
+    fn sample(&self) {
+        let (answers, _) = self.ask_shards(shard::connection_samples, Instant::now() + Duration::from_millis(500));
+        let rtt_us = self
+            .rtt_us
+            .lock()
+            .map(|mut h| std::mem::replace(&mut *h, metrics::rtt_histogram()))
+            .unwrap_or_else(|_| metrics::rtt_histogram());
+        let sample = metrics::Sample {
+            at: Instant::now(),
+            node: metrics::NodeCounts::of(&self.shard_metrics),
+            connections: answers.into_iter().flatten().collect(),
+            rtt_us,
+        };
+        if let Ok(mut windows) = self.windows.lock() {
+            windows.push(sample);
+        }
+    }
+
+    /// The node's and its connections' windows (1/5/15/60 s) and totals.
+    fn stats_report(&self) -> Option<metrics::StatsReport> {
+        self.windows.lock().ok()?.report(&self.name)
     }
 
     fn is_ready(&self) -> bool {
@@ -1056,6 +1100,8 @@ impl Node {
             live: RwLock::new(name_map()),
             reverse: RwLock::new(name_map()),
             forward_plans: RwLock::new(name_map()),
+            rtt_us: Mutex::new(metrics::rtt_histogram()),
+            windows: Mutex::new(metrics::Windows::default()),
             config,
         });
         let node = Node {
@@ -1124,6 +1170,16 @@ impl Node {
                 node.stop(Duration::ZERO);
                 NodeError::Runtime(RuntimeError::Wakeup { shard: 0, source: e })
             })?;
+        {
+            let weak = Arc::downgrade(&shared);
+            std::thread::Builder::new()
+                .name(format!("atbus-{}-stats", shared.name))
+                .spawn(move || sample_every_second(&weak))
+                .map_err(|e| {
+                    node.stop(Duration::ZERO);
+                    NodeError::Runtime(RuntimeError::Wakeup { shard: 0, source: e })
+                })?;
+        }
         if let Some(address) = shared.config.admin {
             #[cfg(feature = "admin")]
             match admin::start(&shared, address) {
@@ -1216,6 +1272,14 @@ impl Node {
         relay: Option<crate::discovery::RelaySelector>,
     ) -> Result<crate::grant::ClientGrant, NodeError> {
         self.shared.issue_client(name, stream_id, ttl, relay)
+    }
+
+    /// Rates, loss and latency of the node and of each connection over the
+    /// last 1, 5, 15 and 60 s, and lifetime totals (what the admin
+    /// endpoint's `/stats` serves). Sampled once a second; `None` until
+    /// the first sample.
+    pub fn stats_report(&self) -> Option<metrics::StatsReport> {
+        self.shared.stats_report()
     }
 
     /// The node's metrics in the Prometheus text format (what the admin
@@ -1581,6 +1645,28 @@ impl Node {
 }
 
 /// The watcher thread: applies discovery changes until the node stops.
+/// The stats sampler: one sample a second until the node stops.
+fn sample_every_second(node: &std::sync::Weak<Shared>) {
+    let mut next = Instant::now();
+    loop {
+        next += Duration::from_secs(1);
+        while Instant::now() < next {
+            match node.upgrade() {
+                Some(shared) if !shared.stopping.load(Ordering::Acquire) => {}
+                _ => return,
+            }
+            std::thread::sleep(
+                next.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100)),
+            );
+        }
+        match node.upgrade() {
+            Some(shared) if !shared.stopping.load(Ordering::Acquire) => shared.sample(),
+            _ => return,
+        }
+    }
+}
+
 fn follow_discovery(node: &std::sync::Weak<Shared>, changes: &crate::discovery::Subscription) {
     loop {
         let change = changes.recv_timeout(Duration::from_millis(200));

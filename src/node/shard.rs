@@ -134,6 +134,8 @@ pub(super) struct PathIo {
     pub latency: bool,
     /// The head every frame carries (a tunnel through a relay).
     pub head: Option<crate::proto::MessageHead>,
+    /// What went through this connection (see [`super::metrics::ConnSample`]).
+    pub counts: super::metrics::ConnCounts,
 }
 
 impl PathIo {
@@ -148,6 +150,7 @@ impl PathIo {
             control: Vec::new(),
             latency,
             head,
+            counts: super::metrics::ConnCounts::default(),
         }
     }
 
@@ -159,7 +162,12 @@ impl PathIo {
         if let Some(head) = &self.head {
             frame.head = Some(head.clone());
         }
-        match encoder.encode(&frame, &mut self.out) {
+        let result = encoder.encode(&frame, &mut self.out);
+        if let Ok(n) = result {
+            self.counts.tx_frames += 1;
+            self.counts.tx_bytes += n as u64;
+        }
+        match result {
             Ok(_) if self.datagram => {
                 let datagram = self.out.split().freeze();
                 self.datagrams.push_back(datagram);
@@ -173,6 +181,8 @@ impl PathIo {
     /// Appends a frame encoded elsewhere (relays pass frames on as they
     /// are), and wakes the writer.
     pub fn push_encoded(&mut self, frame: &Bytes) {
+        self.counts.tx_frames += 1;
+        self.counts.tx_bytes += frame.len() as u64;
         if self.datagram {
             self.datagrams.push_back(frame.clone());
         } else {
@@ -1062,6 +1072,34 @@ pub(super) fn retry_delivery() {
     for endpoint in endpoints {
         endpoint.drive(&state);
     }
+}
+
+/// Every connection of this shard, with its counters (the stats sampler).
+pub(super) fn connection_samples() -> Vec<super::metrics::ConnSample> {
+    let Some(state) = local() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for endpoint in state.endpoints.borrow().values() {
+        let st = endpoint.state.borrow();
+        for (id, path) in &st.paths {
+            let stats = st.session.path_stats(*id);
+            let mut counts = path.counts;
+            if let Some(stats) = &stats {
+                counts.packets = stats.sent_packets;
+                counts.fragments = stats.sent_fragments;
+                counts.lost = stats.lost_packets;
+            }
+            out.push(super::metrics::ConnSample {
+                peer: endpoint.peer.to_string(),
+                connection: id.0,
+                shard: state.index,
+                counts,
+                smoothed_rtt_ms: stats.and_then(|s| s.smoothed_rtt).map(|d| d.as_secs_f64() * 1000.0),
+            });
+        }
+    }
+    out
 }
 
 pub(super) fn connected_peers() -> Vec<String> {

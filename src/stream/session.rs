@@ -32,6 +32,16 @@ pub struct PathStats {
     pub smoothed_rtt: Option<Duration>,
     /// Earliest armed timer.
     pub next_timeout: Option<Instant>,
+    /// Packets sent on the path (first sends and resends), lifetime.
+    pub sent_packets: u64,
+    /// Their bytes (payload and packet overhead).
+    pub sent_bytes: u64,
+    /// Fragments in them.
+    pub sent_fragments: u64,
+    /// Packets declared lost (past the reorder threshold, or at an RTO).
+    pub lost_packets: u64,
+    /// Their bytes.
+    pub lost_bytes: u64,
 }
 
 /// A packet in flight on a path.
@@ -71,6 +81,12 @@ struct Path {
     closing: Option<CloseReasonData>,
     /// The connection's write buffer is full: no new data for this path.
     blocked: bool,
+    /// Lifetime counters (see [`PathStats`]).
+    sent_packets: u64,
+    sent_bytes: u64,
+    sent_fragments: u64,
+    lost_packets: u64,
+    lost_bytes: u64,
 }
 
 impl Path {
@@ -161,6 +177,11 @@ impl Session {
                 timers: [None; TIMER_COUNT],
                 closing: None,
                 blocked: false,
+                sent_packets: 0,
+                sent_bytes: 0,
+                sent_fragments: 0,
+                lost_packets: 0,
+                lost_bytes: 0,
             },
         );
     }
@@ -219,6 +240,11 @@ impl Session {
             rto_backoff: path.backoff,
             smoothed_rtt: path.rtt.has_sample().then(|| path.rtt.get()),
             next_timeout: path.deadline(),
+            sent_packets: path.sent_packets,
+            sent_bytes: path.sent_bytes,
+            sent_fragments: path.sent_fragments,
+            lost_packets: path.lost_packets,
+            lost_bytes: path.lost_bytes,
         })
     }
 
@@ -507,6 +533,8 @@ impl Session {
                 if let Some(stream) = stream {
                     stream.requeue(sent.range.clone());
                 }
+                path.lost_packets += 1;
+                path.lost_bytes += sent.bytes as u64;
             }
             path.in_flight_bytes -= sent.bytes;
             path.in_flight.pop_front();
@@ -551,6 +579,8 @@ impl Session {
                     if let Some(stream) = send.get_mut(&sent.stream_id) {
                         stream.requeue(sent.range.clone());
                     }
+                    path.lost_packets += 1;
+                    path.lost_bytes += sent.bytes as u64;
                     path.in_flight_bytes -= sent.bytes;
                     path.in_flight.pop_front();
                 }
@@ -688,6 +718,9 @@ impl Session {
                     bytes,
                 });
                 path.in_flight_bytes += bytes;
+                path.sent_packets += 1;
+                path.sent_bytes += bytes as u64;
+                path.sent_fragments += chunk.fragments.len() as u64;
                 self.next_path = Some(path_id);
                 self.next_stream = Some(stream_id);
                 if path.timers[Timer::Rto as usize].is_none() {

@@ -116,6 +116,20 @@ enum Command {
     /// Client tokens for untrusted networks.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Live view of a running node from its admin endpoint (`/stats`):
+    /// message and byte rates, loss, RTT mean and percentiles, per node and
+    /// per connection.
+    Stats {
+        /// The node's admin endpoint, host:port.
+        #[arg(long)]
+        admin: String,
+        /// Window shown: 1, 5, 15 or 60 seconds.
+        #[arg(long, default_value_t = 5)]
+        window: u64,
+        /// Refreshes (0: until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,6 +154,94 @@ enum TokenCommand {
         #[arg(long)]
         relay_kind: Option<String>,
     },
+}
+
+fn run_stats(admin: &str, window: u64, count: u64) -> Result<(), String> {
+    use libatbus::node::metrics::WINDOWS_S;
+    if !WINDOWS_S.contains(&window) {
+        return Err(format!("--window {window}: one of {WINDOWS_S:?}"));
+    }
+    #[derive(serde::Deserialize)]
+    struct Report {
+        node: String,
+        totals: serde_json::Value,
+        windows: Vec<serde_json::Value>,
+        connections: Vec<serde_json::Value>,
+    }
+    let stop = interrupted();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let url = format!("http://{admin}/stats");
+    let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let ms = |v: &serde_json::Value, k: &str| v[k].as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
+    let mut shown = 0u64;
+    while !stop.load(Ordering::Acquire) && (count == 0 || shown < count) {
+        let mut response = agent.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+        let status = response.status();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("{url}: {e}"))?;
+        if status.as_u16() == 503 {
+            eprintln!("# {}", body.trim());
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        if !status.is_success() {
+            return Err(format!("{url}: {status}: {}", body.trim()));
+        }
+        let report: Report = serde_json::from_str(&body).map_err(|e| format!("{url}: unexpected answer: {e}"))?;
+        let pick = |windows: &[serde_json::Value]| {
+            windows
+                .iter()
+                .find(|w| w["window_s"].as_u64() == Some(window))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let w = pick(&report.windows);
+        println!(
+            "{} (last {window} s): out {:.0} msgs/s {:.0} B/s, in {:.0} msgs/s {:.0} B/s, loss {:.2} %, rtt mean {} ms sd {} ms p50 {} p99 {} max {} ms; totals: {} sent, {} received",
+            report.node,
+            num(&w, "messages_sent_per_s"),
+            num(&w, "bytes_sent_per_s"),
+            num(&w, "messages_received_per_s"),
+            num(&w, "bytes_received_per_s"),
+            num(&w, "loss_rate") * 100.0,
+            ms(&w, "rtt_mean_ms"),
+            w["rtt_variance_ms2"]
+                .as_f64()
+                .map_or("-".to_string(), |v| format!("{:.2}", v.sqrt())),
+            ms(&w, "rtt_p50_ms"),
+            ms(&w, "rtt_p99_ms"),
+            ms(&w, "rtt_max_ms"),
+            report.totals["messages_sent"],
+            report.totals["messages_received"],
+        );
+        for conn in &report.connections {
+            let windows: Vec<serde_json::Value> = conn["windows"].as_array().cloned().unwrap_or_default();
+            let w = pick(&windows);
+            println!(
+                "  {:<24} #{:<4} out {:>12.0} B/s {:>8.0} frames/s  in {:>12.0} B/s {:>8.0} frames/s  loss {:.2} %  rtt {} ms (srtt {} ms)",
+                conn["peer"].as_str().unwrap_or("?"),
+                conn["connection"],
+                num(&w, "bytes_sent_per_s"),
+                num(&w, "frames_sent_per_s"),
+                num(&w, "bytes_received_per_s"),
+                num(&w, "frames_received_per_s"),
+                num(&w, "loss_rate") * 100.0,
+                ms(&w, "rtt_mean_ms"),
+                ms(conn, "smoothed_rtt_ms"),
+            );
+        }
+        shown += 1;
+        if count == 0 || shown < count {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    Ok(())
 }
 
 fn run_token_issue(
@@ -226,7 +328,21 @@ fn main() -> ExitCode {
             std::process::exit(1);
         }));
     }
-    let log_level = std::env::var("ATBUS_LOG").unwrap_or_else(|_| "warn".into());
+    // ATBUS_LOG, else the node config's `log`, else warn.
+    let config = match &cli.command {
+        Command::Node { config }
+        | Command::Send { config, .. }
+        | Command::Recv { config, .. }
+        | Command::Ping { config, .. } => Some(config.clone()),
+        _ => None,
+    };
+    let from_file = config
+        .and_then(|c| libatbus::node::NodeFile::load(c).ok())
+        .and_then(|f| f.log);
+    let log_level = std::env::var("ATBUS_LOG")
+        .ok()
+        .or(from_file)
+        .unwrap_or_else(|| "warn".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(log_level))
         .with_writer(std::io::stderr)
@@ -257,6 +373,7 @@ fn main() -> ExitCode {
             name,
             relay_kind,
         }) => run_token_issue(&admin, stream, ttl_s, name.as_deref(), relay_kind.as_deref()),
+        Command::Stats { admin, window, count } => run_stats(&admin, window, count),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
