@@ -1,0 +1,387 @@
+//! Raw-socket baselines: the same traffic as `atbus bench` over bare
+//! sockets (blocking, two pinned threads, no bus), the "physical limit"
+//! column. Shared by `atbus bench` (measured in the same run as the bus) and
+//! `atbus-baseline` (perf/baseline.rs, on its own).
+
+#![allow(dead_code)] // each includer uses its part
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+
+/// The ping-pong's message size.
+pub const PING: usize = 64;
+/// The bulk message size of the class cases.
+pub const BULK: usize = 16384;
+
+/// A payload whose clones share no reference count: the same message sent
+/// again and again (as the raw baselines write the same buffer again), so
+/// the sending thread and the shard do not bounce one counter's cache line
+/// between cores for every message (that was 12 % of the 64 B profile).
+pub fn static_payload(byte: u8, len: usize) -> Bytes {
+    Bytes::from_static(Box::leak(vec![byte; len].into_boxed_slice()))
+}
+
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(100, 60_000_000_000, 3).expect("histogram bounds")
+}
+
+pub fn pin(core: usize) {
+    if let Some(id) = core_affinity::get_core_ids().and_then(|ids| ids.get(core).copied()) {
+        core_affinity::set_for_current(id);
+    }
+}
+
+/// The bare socket a transport's baseline uses: QUIC runs on UDP, so its
+/// baseline is raw datagrams (no resend, no crypto).
+pub fn raw_kind(transport: &str) -> &str {
+    match transport {
+        "quic" => "udp",
+        other => other,
+    }
+}
+
+/// Messages/s of the same traffic over a bare socket, and messages lost.
+pub fn baseline_throughput(transport: &str, payload: usize, messages: u64) -> (f64, u64) {
+    match raw_kind(transport) {
+        "tcp" => {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let rx = thread::spawn(move || {
+                pin(1);
+                let (socket, _) = listener.accept().expect("accept");
+                read_framed(socket, payload, messages)
+            });
+            let socket = TcpStream::connect(addr).expect("connect");
+            let _ = socket.set_nodelay(true);
+            (messages as f64 / write_framed(socket, payload, messages, rx), 0)
+        }
+        "unix" => {
+            let path = std::env::temp_dir().join(format!("atbus-base-{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).expect("bind");
+            let rx = thread::spawn(move || {
+                pin(1);
+                let (socket, _) = listener.accept().expect("accept");
+                read_framed(socket, payload, messages)
+            });
+            let socket = UnixStream::connect(&path).expect("connect");
+            let rate = messages as f64 / write_framed(socket, payload, messages, rx);
+            let _ = std::fs::remove_file(&path);
+            (rate, 0)
+        }
+        "udp" => udp_throughput(payload, messages),
+        "mem" => {
+            let (tx, rx) = crossbeam_channel::bounded::<Bytes>(65_536);
+            let reader = thread::spawn(move || {
+                pin(1);
+                for _ in 0..messages {
+                    rx.recv().expect("channel");
+                }
+                Instant::now()
+            });
+            pin(0);
+            let data = static_payload(0xa5u8, payload);
+            let started = Instant::now();
+            for _ in 0..messages {
+                tx.send(data.clone()).expect("channel");
+            }
+            let done = reader.join().expect("reader");
+            (messages as f64 / (done - started).as_secs_f64(), 0)
+        }
+        other => panic!("unknown transport {other}"),
+    }
+}
+
+fn write_framed(socket: impl Write, payload: usize, messages: u64, rx: thread::JoinHandle<Instant>) -> f64 {
+    pin(0);
+    let data = vec![0xa5u8; payload];
+    let mut out = BufWriter::with_capacity(256 * 1024, socket);
+    let started = Instant::now();
+    for _ in 0..messages {
+        out.write_all(&(payload as u32).to_le_bytes()).expect("write");
+        out.write_all(&data).expect("write");
+    }
+    out.flush().expect("flush");
+    let done = rx.join().expect("reader");
+    (done - started).as_secs_f64()
+}
+
+fn read_framed(socket: impl Read, payload: usize, messages: u64) -> Instant {
+    let mut input = BufReader::with_capacity(256 * 1024, socket);
+    let mut buf = vec![0u8; payload];
+    let mut len = [0u8; 4];
+    for _ in 0..messages {
+        input.read_exact(&mut len).expect("read");
+        let n = u32::from_le_bytes(len) as usize;
+        input.read_exact(&mut buf[..n]).expect("read");
+    }
+    Instant::now()
+}
+
+fn udp_throughput(payload: usize, messages: u64) -> (f64, u64) {
+    let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = rx.local_addr().expect("addr");
+    rx.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let reader = thread::spawn(move || {
+        pin(1);
+        let mut buf = vec![0u8; 65_536];
+        let mut got = 0u64;
+        let mut last = Instant::now();
+        while got < messages {
+            match rx.recv(&mut buf) {
+                Ok(_) => {
+                    got += 1;
+                    last = Instant::now();
+                }
+                Err(_) => break, // the rest was dropped
+            }
+        }
+        (got, last)
+    });
+    pin(0);
+    let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    tx.connect(addr).expect("connect");
+    let data = vec![0xa5u8; payload];
+    let started = Instant::now();
+    for _ in 0..messages {
+        let _ = tx.send(&data);
+    }
+    let (got, last) = reader.join().expect("reader");
+    (got as f64 / (last - started).as_secs_f64(), messages - got)
+}
+
+/// 64 B ping-pong over a bare socket between two pinned threads.
+pub fn baseline_rtt(transport: &str, trips: usize) -> Histogram<u64> {
+    let total = trips + (trips / 10).max(10);
+    match raw_kind(transport) {
+        "tcp" => {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let server = thread::spawn(move || {
+                pin(1);
+                let (socket, _) = listener.accept().expect("accept");
+                let _ = socket.set_nodelay(true);
+                echo_stream(socket, total);
+            });
+            let socket = TcpStream::connect(addr).expect("connect");
+            let _ = socket.set_nodelay(true);
+            let hist = ping_stream(socket, trips, total);
+            server.join().expect("server");
+            hist
+        }
+        "unix" => {
+            let (a, b) = UnixStream::pair().expect("pair");
+            let server = thread::spawn(move || {
+                pin(1);
+                echo_stream(b, total);
+            });
+            let hist = ping_stream(a, trips, total);
+            server.join().expect("server");
+            hist
+        }
+        "udp" => {
+            let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let (addr_a, addr_b): (SocketAddr, SocketAddr) = (a.local_addr().expect("a"), b.local_addr().expect("b"));
+            a.connect(addr_b).expect("connect");
+            b.connect(addr_a).expect("connect");
+            let server = thread::spawn(move || {
+                pin(1);
+                let mut buf = [0u8; PING];
+                for _ in 0..total {
+                    let n = b.recv(&mut buf).expect("recv");
+                    b.send(&buf[..n]).expect("send");
+                }
+            });
+            let mut buf = [0u8; PING];
+            let hist = timed_round_trips(trips, total, || {
+                a.send(&buf).expect("send");
+                a.recv(&mut buf).expect("recv");
+            });
+            server.join().expect("server");
+            hist
+        }
+        "mem" => {
+            let (to_b, from_a) = crossbeam_channel::bounded::<Bytes>(1);
+            let (to_a, from_b) = crossbeam_channel::bounded::<Bytes>(1);
+            let server = thread::spawn(move || {
+                pin(1);
+                for _ in 0..total {
+                    let m = from_a.recv().expect("recv");
+                    to_a.send(m).expect("send");
+                }
+            });
+            let data = static_payload(0u8, PING);
+            let hist = timed_round_trips(trips, total, || {
+                to_b.send(data.clone()).expect("send");
+                from_b.recv().expect("recv");
+            });
+            server.join().expect("server");
+            hist
+        }
+        other => panic!("unknown transport {other}"),
+    }
+}
+
+fn echo_stream(mut socket: impl Read + Write, total: usize) {
+    let mut buf = [0u8; PING];
+    for _ in 0..total {
+        socket.read_exact(&mut buf).expect("read");
+        socket.write_all(&buf).expect("write");
+    }
+}
+
+fn ping_stream(mut socket: impl Read + Write, trips: usize, total: usize) -> Histogram<u64> {
+    let mut buf = [0u8; PING];
+    timed_round_trips(trips, total, || {
+        socket.write_all(&buf).expect("write");
+        socket.read_exact(&mut buf).expect("read");
+    })
+}
+
+/// Runs `total` round trips on core 0; the last `trips` (after warm-up) go
+/// into the histogram.
+fn timed_round_trips(trips: usize, total: usize, mut round_trip: impl FnMut()) -> Histogram<u64> {
+    pin(0);
+    let mut hist = histogram();
+    for i in 0..total {
+        let started = Instant::now();
+        round_trip();
+        if i >= total - trips {
+            let _ = hist.record(started.elapsed().as_nanos() as u64);
+        }
+    }
+    hist
+}
+
+/// A connected byte-stream socket of either kind.
+trait Duplex: Read + Write + Send {}
+impl<T: Read + Write + Send> Duplex for T {}
+
+/// Two ends of a fresh tcp or unix connection.
+fn stream_pair(transport: &str) -> (Box<dyn Duplex>, Box<dyn Duplex>) {
+    if transport == "unix" {
+        let (a, b) = UnixStream::pair().expect("pair");
+        return (Box::new(a), Box::new(b));
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (b, _) = listener.accept().expect("accept");
+    let _ = a.set_nodelay(true);
+    let _ = b.set_nodelay(true);
+    (Box::new(a), Box::new(b))
+}
+
+/// The raw-socket counterpart of `Pair::under_bulk`: 16 KiB writes flood one
+/// socket (writer on core 0, reader on core 1) while a 64 B ping-pong runs on
+/// another. Returns the ping histogram and the bulk MB/s.
+pub fn baseline_under_bulk(transport: &str, trips: usize, rate_mb: f64) -> (Histogram<u64>, f64) {
+    let total = trips + (trips / 10).max(10);
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = move |started: Instant, sent: f64| {
+        if rate_mb > 0.0
+            && let Some(ahead) = Duration::from_secs_f64(sent / (rate_mb * 1e6)).checked_sub(started.elapsed())
+        {
+            thread::sleep(ahead);
+        }
+    };
+    let (bulk_writer, bulk_reader, echo) = if raw_kind(transport) == "udp" {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        tx.connect(rx.local_addr().expect("addr")).expect("connect");
+        rx.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+        let writer = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                pin(0);
+                let (data, started, mut sent) = (vec![0x5au8; BULK], Instant::now(), 0f64);
+                while !stop.load(Ordering::Acquire) {
+                    let _ = tx.send(&data);
+                    sent += BULK as f64;
+                    pace(started, sent);
+                }
+            })
+        };
+        let reader = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                pin(1);
+                let (mut buf, started, mut bytes) = (vec![0u8; 65_536], Instant::now(), 0u64);
+                while !stop.load(Ordering::Acquire) {
+                    if let Ok(n) = rx.recv(&mut buf) {
+                        bytes += n as u64;
+                    }
+                }
+                bytes as f64 / started.elapsed().as_secs_f64() / 1e6
+            })
+        };
+        let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        a.connect(b.local_addr().expect("b")).expect("connect");
+        b.connect(a.local_addr().expect("a")).expect("connect");
+        let echo = thread::spawn(move || {
+            pin(1);
+            let mut buf = [0u8; PING];
+            for _ in 0..total {
+                let n = b.recv(&mut buf).expect("recv");
+                b.send(&buf[..n]).expect("send");
+            }
+        });
+        thread::sleep(Duration::from_millis(200));
+        let mut buf = [0u8; PING];
+        let hist = timed_round_trips(trips, total, || {
+            a.send(&buf).expect("send");
+            a.recv(&mut buf).expect("recv");
+        });
+        (writer, reader, (echo, hist))
+    } else {
+        let (mut tx, mut rx) = stream_pair(transport);
+        let writer = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                pin(0);
+                let (data, started, mut sent) = (vec![0x5au8; BULK], Instant::now(), 0f64);
+                while !stop.load(Ordering::Acquire) {
+                    if tx.write_all(&data).is_err() {
+                        break;
+                    }
+                    sent += BULK as f64;
+                    pace(started, sent);
+                }
+            })
+        };
+        let reader = thread::spawn(move || {
+            pin(1);
+            let (mut buf, started, mut bytes) = (vec![0u8; 256 * 1024], Instant::now(), 0u64);
+            while let Ok(n) = rx.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                bytes += n as u64;
+            }
+            bytes as f64 / started.elapsed().as_secs_f64() / 1e6
+        });
+        let (a, b) = stream_pair(transport);
+        let echo = thread::spawn(move || {
+            pin(1);
+            echo_stream(b, total);
+        });
+        thread::sleep(Duration::from_millis(200));
+        let hist = ping_stream(a, trips, total);
+        (writer, reader, (echo, hist))
+    };
+    let (echo, hist) = echo;
+    echo.join().expect("echo");
+    stop.store(true, Ordering::Release);
+    bulk_writer.join().expect("bulk writer");
+    let bulk = bulk_reader.join().expect("bulk reader");
+    (hist, bulk)
+}

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""perf/summarize.py RESULTS.jsonl: the markdown of perf/RESULTS.md from the
+JSON lines perf/run.sh collected (atbus bench, atbus-baseline, atbus-idle),
+with min / median / max over the runs, ratios to the raw-socket baseline and
+the issue's targets, each marked met or missed."""
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+
+
+def med(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values, scale=1.0, digits=2):
+    if not values:
+        return "-"
+    lo, mid, hi = min(values) / scale, med(values) / scale, max(values) / scale
+    return f"{lo:.{digits}f} / **{mid:.{digits}f}** / {hi:.{digits}f}"
+
+
+def machine():
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        cores = "?"
+    return f"{cpu}, {cores} cores, Linux {platform.release()}"
+
+
+def main(path, commit, date):
+    rows = [json.loads(line) for line in open(path) if line.strip().startswith("{")]
+    runs = sorted({r.get("run", 1) for r in rows})
+    bus = defaultdict(list)        # (transport, payload) -> msgs/s
+    inrun = defaultdict(list)      # same-run baseline inside atbus bench
+    base = defaultdict(list)       # atbus-baseline
+    rtt = defaultdict(lambda: defaultdict(list))
+    klass = defaultdict(lambda: defaultdict(list))
+    idle = [r for r in rows if r["kind"] == "idle_connections"]
+    for r in rows:
+        kind = r["kind"]
+        if kind == "throughput" and not r.get("e2e"):
+            key = (r["transport"], r["payload"])
+            bus[key].append(r["msgs_per_sec"])
+            inrun[key].append(r["baseline_msgs_per_sec"])
+        elif kind == "baseline_throughput":
+            base[(r["transport"], r["payload"])].append(r["msgs_per_sec"])
+        elif kind == "rtt" and not r.get("e2e"):
+            t = rtt[r["transport"]]
+            t["p50"].append(r["rtt_p50_us"])
+            t["p99"].append(r["rtt_p99_us"])
+            t["inrun_p50"].append(r["baseline_rtt_p50_us"])
+            t["inrun_p99"].append(r["baseline_rtt_p99_us"])
+        elif kind == "baseline_rtt":
+            t = rtt[r["transport"]]
+            t["base_p50"].append(r["rtt_p50_us"])
+            t["base_p99"].append(r["rtt_p99_us"])
+        elif kind == "class":
+            c = klass[r["transport"]]
+            c[r["class"] + "_p99"].append(r["rtt_p99_us"])
+            c[r["class"] + "_p50"].append(r["rtt_p50_us"])
+
+    out = []
+    out.append("# perf/RESULTS.md")
+    out.append("")
+    out.append(f"Written by `perf/run.sh` ({len(runs)} runs) on {date}, commit `{commit}`.  ")
+    out.append(f"Machine: {machine()}.  ")
+    out.append("Each cell: min / **median** / max over the runs. Raw baseline: `atbus-baseline`")
+    out.append("(perf/baseline.rs: bare blocking sockets, two pinned threads, 4-byte length")
+    out.append("prefixes through 256 KiB buffers; the 'physical limit'); *in-run*: the same")
+    out.append("baseline measured by `atbus bench` right after the bus case, same message count.")
+    out.append("")
+
+    def ratio(key, values):
+        b = base.get(key) or inrun.get(key)
+        return med(values) / med(b) if b else float("nan")
+
+    out.append("## Throughput, one connection, one sender and one receiver on separate cores")
+    out.append("")
+    out.append("| transport | payload | bus M msgs/s | bus MB/s (median) | raw M msgs/s | raw MB/s (median) | bus / raw | in-run raw M msgs/s |")
+    out.append("|---|---:|---|---:|---|---:|---:|---|")
+    for key in sorted(bus, key=lambda k: (k[0], k[1])):
+        transport, payload = key
+        b = base.get(key, [])
+        out.append(
+            f"| {transport} | {payload} B | {spread(bus[key], 1e6)} | {med(bus[key]) * payload / 1e6:.0f} | "
+            f"{spread(b, 1e6) if b else '-'} | {(med(b) * payload / 1e6) if b else float('nan'):.0f} | "
+            f"{ratio(key, bus[key]):.2f} | {spread(inrun[key], 1e6)} |"
+        )
+    out.append("")
+    out.append("## 64 B ping-pong (application to application)")
+    out.append("")
+    out.append("| transport | bus p50 µs | bus p99 µs | raw p50 µs | raw p99 µs | p50 / raw | p99 / raw |")
+    out.append("|---|---|---|---|---|---:|---:|")
+    for transport, t in sorted(rtt.items()):
+        if not t["p50"]:
+            continue
+        bp50 = t["base_p50"] or t["inrun_p50"]
+        bp99 = t["base_p99"] or t["inrun_p99"]
+        out.append(
+            f"| {transport} | {spread(t['p50'], 1, 1)} | {spread(t['p99'], 1, 1)} | {spread(bp50, 1, 1)} | "
+            f"{spread(bp99, 1, 1)} | {med(t['p50']) / med(bp50):.2f} | {med(t['p99']) / med(bp99):.2f} |"
+        )
+    out.append("")
+    if klass:
+        out.append("## Frame-sync class: 64 B ping-pong while 16 KiB bulk saturates the connection")
+        out.append("")
+        out.append("| transport | idle p99 µs | bulk, throughput class p99 µs | bulk, latency class p99 µs | raw sockets under bulk p99 µs | latency / idle |")
+        out.append("|---|---|---|---|---|---:|")
+        for transport, c in sorted(klass.items()):
+            out.append(
+                f"| {transport} | {spread(c['idle_p99'], 1, 1)} | {spread(c['throughput_p99'], 1, 1)} | "
+                f"{spread(c['latency_p99'], 1, 1)} | {spread(c['raw_p99'], 1, 1)} | "
+                f"{med(c['latency_p99']) / med(c['idle_p99']):.1f} |"
+            )
+        out.append("")
+    if idle:
+        r = idle[-1]
+        out.append("## Memory: idle connections to one node (`atbus-idle`)")
+        out.append("")
+        out.append(
+            f"{r['connections']} connections: resident {r['rss_before_bytes'] / 2**20:.0f} MiB before, "
+            f"{r['rss_after_bytes'] / 2**20:.0f} MiB after ({r['rss_per_connection_bytes'] / 1024:.1f} KiB each), "
+            f"opened in {r['seconds_to_open']:.1f} s."
+        )
+        out.append("")
+
+    # Targets.
+    def m(key):
+        return med(bus.get(key, []))
+
+    targets = []
+    tcp64 = m(("tcp", 64))
+    targets.append(("1. tcp 64 B ≥ 5 M msgs/s", f"{tcp64 / 1e6:.2f} M", tcp64 >= 5e6))
+    mem64 = m(("mem", 64))
+    targets.append(("2. mem 64 B ≥ 20 M msgs/s", f"{mem64 / 1e6:.2f} M", mem64 >= 20e6))
+    for transport in ("tcp", "unix"):
+        key = (transport, 16384)
+        if key in bus:
+            r = ratio(key, bus[key])
+            targets.append((f"3. {transport} 16 KiB ≥ 85 % of raw bytes/s", f"{r * 100:.0f} %", r >= 0.85))
+    for transport in ("tcp", "unix"):
+        t = rtt.get(transport)
+        if t and t["p50"]:
+            bp50 = t["base_p50"] or t["inrun_p50"]
+            bp99 = t["base_p99"] or t["inrun_p99"]
+            r50, r99 = med(t["p50"]) / med(bp50), med(t["p99"]) / med(bp99)
+            targets.append((f"4. {transport} RTT p50 ≤ 1.5× raw, p99 ≤ 2× raw", f"{r50:.2f}× / {r99:.2f}×", r50 <= 1.5 and r99 <= 2.0))
+    for transport, c in sorted(klass.items()):
+        if c["latency_p99"] and c["idle_p99"]:
+            r = med(c["latency_p99"]) / med(c["idle_p99"])
+            targets.append((f"5. {transport} frame-sync p99 under bulk ≤ 3× idle p99", f"{r:.1f}×", r <= 3.0))
+    if idle:
+        r = idle[-1]
+        ok = r["connections"] >= 10000 and r["rss_after_bytes"] < 2**30
+        targets.append(("6. 10 000 idle tcp connections < 1 GiB RSS", f"{r['rss_after_bytes'] / 2**20:.0f} MiB", ok))
+    out.insert(
+        9,
+        "\n".join(
+            ["## Targets", "", "| target | measured (median) | |", "|---|---|---|"]
+            + [f"| {name} | {value} | {'met' if ok else '**missed**'} |" for name, value, ok in targets]
+            + [""]
+        ),
+    )
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        sys.exit("usage: summarize.py RESULTS.jsonl COMMIT DATE")
+    main(sys.argv[1], sys.argv[2], sys.argv[3])
