@@ -40,6 +40,6 @@ echo "==> atbus-idle: 10 000 idle connections"
 ulimit -n 10200 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 target/release/atbus-idle --connections 10000 | grep '^{' | tag 1 >> "$out"
 
-commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src perf Cargo.toml || echo "+changes")
+commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock perf/raw.rs perf/baseline.rs perf/idle.rs || echo "+changes")
 python3 perf/summarize.py "$out" "$commit" "$(date -u +%Y-%m-%d)" > perf/RESULTS.md
 echo "==> perf/RESULTS.md written (raw lines: $out)"

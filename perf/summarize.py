@@ -96,7 +96,7 @@ def main(path, commit, date):
         b = base.get(key, [])
         out.append(
             f"| {transport} | {payload} B | {spread(bus[key], 1e6)} | {med(bus[key]) * payload / 1e6:.0f} | "
-            f"{spread(b, 1e6) if b else '-'} | {(med(b) * payload / 1e6) if b else float('nan'):.0f} | "
+            f"{spread(b, 1e6) if b else '-'} | {f'{med(b) * payload / 1e6:.0f}' if b else '- (in-run below)'} | "
             f"{ratio(key, bus[key]):.2f} | {spread(inrun[key], 1e6)} |"
         )
     out.append("")
@@ -174,6 +174,11 @@ def main(path, commit, date):
             + [""]
         ),
     )
+    try:
+        with open(__file__.rsplit("/", 1)[0] + "/RESULTS-notes.md") as notes:
+            out.append(notes.read())
+    except OSError:
+        pass
     print("\n".join(out))
 
 
