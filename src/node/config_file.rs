@@ -97,6 +97,7 @@ pub struct RelayFile {
     /// `own` or `target`.
     pub policy: Option<String>,
     pub max_hops: Option<u32>,
+    /// Bytes held per next hop while it connects.
     pub hold: Option<usize>,
 }
 

@@ -482,14 +482,13 @@ impl FrameReader {
     /// Reads once from the link without decoding more than a datagram; `Ok(0)`
     /// when a stream link was closed.
     async fn fill<L: Link>(&mut self, link: &L) -> io::Result<usize> {
-        let n = link.recv(&mut self.buf).await?;
         if self.datagram {
-            self.pending = Some(frame::decode_datagram(
-                &self.config,
-                Bytes::copy_from_slice(&self.buf[..n]),
-            ));
+            let datagram = link.recv_datagram(&mut self.buf).await?;
+            let n = datagram.len();
+            self.pending = Some(frame::decode_datagram(&self.config, datagram));
             return Ok(n.max(1));
         }
+        let n = link.recv(&mut self.buf).await?;
         self.decoder.extend(&self.buf[..n]);
         Ok(n)
     }
@@ -1399,7 +1398,7 @@ async fn writer<L: Link>(
             Work::Datagrams(datagrams) => {
                 let mut result = Ok(());
                 for datagram in datagrams {
-                    match link.send(&datagram).await {
+                    match link.send_datagram(datagram).await {
                         Ok(_) => {}
                         // The peer's port is closed for now (ICMP): a lost datagram.
                         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}

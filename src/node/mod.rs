@@ -171,8 +171,8 @@ pub struct RelayConfig {
     /// Relays a frame may pass; the relay that would exceed it drops the
     /// frame and answers the source with HOP_LIMIT.
     pub max_hops: u32,
-    /// Frames a relay holds for a next hop it is still connecting to (more
-    /// are dropped: the sender's stream layer sends them again).
+    /// Bytes of frames a relay holds per next hop it is still connecting to
+    /// (more are dropped: the senders' stream layers send them again).
     pub hold: usize,
 }
 
@@ -182,7 +182,7 @@ impl Default for RelayConfig {
             forward: false,
             policy: RelayPolicy::OwnRelay,
             max_hops: 8,
-            hold: 4096,
+            hold: 4 << 20,
         }
     }
 }

@@ -23,7 +23,7 @@
 //!   or the next relay). No route, or one hop too many: the source gets a
 //!   close frame (ROUTER_NOT_FOUND, HOP_LIMIT) on its tunnel.
 //!
-//! Relays may drop frames (a next hop still connecting past `hold` frames, a
+//! Relays may drop frames (a next hop still connecting past `hold` bytes, a
 //! carrier buffer over its bound): the ends' stream layer resends by offset.
 
 use std::cell::RefCell;
@@ -55,6 +55,10 @@ const FORWARD_OVERHEAD: usize = 300;
 /// Bytes a connection may have buffered before frames passed to it wait
 /// (tunnels) or are dropped (forwarding).
 const CARRIER_BACKLOG: usize = 4 << 20;
+
+/// Reverse routes a relay keeps before it forgets those whose connection is
+/// gone.
+const REVERSE_ROUTES: usize = 65_536;
 
 /// A tunnel on one of this shard's carriers: (carrier, far end, tunnel id).
 pub(super) type TunnelKey = (Arc<str>, Arc<str>, u64);
@@ -366,9 +370,10 @@ fn pass_on(state: &Rc<ShardState>, next: Arc<str>, frame: Bytes) {
         Pushed::Yes => metrics.relayed(len),
         Pushed::Full => metrics.relay_dropped.add(1),
         Pushed::NoPath => {
-            let mut held = endpoint.held.borrow_mut();
-            if held.len() < state.shared.config.relay.hold {
-                held.push_back(frame);
+            let held_bytes = endpoint.held_bytes.get();
+            if held_bytes + len <= state.shared.config.relay.hold {
+                endpoint.held.borrow_mut().push_back(frame);
+                endpoint.held_bytes.set(held_bytes + len);
             } else {
                 metrics.relay_dropped.add(1);
             }
@@ -379,6 +384,7 @@ fn pass_on(state: &Rc<ShardState>, next: Arc<str>, frame: Bytes) {
 /// A connection to `endpoint` came up: frames held for it go out.
 pub(super) fn release_held(state: &ShardState, endpoint: &Endpoint) {
     let held: VecDeque<Bytes> = std::mem::take(&mut *endpoint.held.borrow_mut());
+    endpoint.held_bytes.set(0);
     let metrics = &state.shared.shard_metrics[state.index];
     for frame in held {
         let len = frame.len();
@@ -494,6 +500,11 @@ impl Shared {
             .ok()
             .is_some_and(|r| r.get(source).is_some_and(|v| v == via));
         if !known && let Ok(mut reverse) = self.reverse.write() {
+            if reverse.len() >= REVERSE_ROUTES {
+                // Forget the routes whose connection is gone.
+                let live = self.live.read().map(|l| l.clone()).unwrap_or_default();
+                reverse.retain(|_, via| live.get(via).is_some_and(|n| *n > 0));
+            }
             reverse.insert(Arc::from(source), via.clone());
         }
     }

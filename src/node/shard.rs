@@ -76,6 +76,7 @@ impl ShardState {
             }),
             queued: RefCell::new(self.shared.shard_route(peer)),
             held: RefCell::new(VecDeque::new()),
+            held_bytes: Cell::new(0),
             last_error: RefCell::new(None),
             timer: super::conn::Notify::default(),
             timer_running: Cell::new(true),
@@ -416,8 +417,10 @@ pub(super) struct Endpoint {
     /// Bytes sent to this peer from other threads, not yet in the session.
     /// The route's byte counter (replaced when the route is made again).
     queued: RefCell<super::Backlog>,
-    /// Relay: frames for this peer that wait for a connection to it.
+    /// Relay: frames for this peer that wait for a connection to it, and
+    /// their bytes.
     pub held: RefCell<VecDeque<Bytes>>,
+    pub held_bytes: Cell<usize>,
     /// Why the last attempt to connect failed (told when messages are
     /// given up on).
     pub last_error: RefCell<Option<String>>,

@@ -52,6 +52,17 @@ pub trait Link: 'static {
     fn frame_head(&self) -> Option<&crate::proto::MessageHead> {
         None
     }
+    /// One whole datagram, owned (links that pass buffers on, like tunnels,
+    /// take it without a copy).
+    async fn send_datagram(&self, datagram: Bytes) -> io::Result<usize> {
+        self.send(&datagram).await
+    }
+    /// One whole datagram as an owned buffer (`buf`: scratch space for links
+    /// that read into memory of their own).
+    async fn recv_datagram(&self, buf: &mut [u8]) -> io::Result<Bytes> {
+        let n = self.recv(buf).await?;
+        Ok(Bytes::copy_from_slice(&buf[..n]))
+    }
 }
 
 /// A connection on its way to another shard: the socket itself (stream
@@ -125,6 +136,16 @@ impl ChannelEnd {
     /// The next chunk; `None` once the other side is gone.
     pub async fn recv(&self) -> Option<Bytes> {
         self.rx.recv().await.ok()
+    }
+
+    /// Sends `chunk` as it is; `ended` names what broke.
+    pub async fn send_owned(&self, chunk: Bytes, ended: &'static str) -> io::Result<usize> {
+        let n = chunk.len();
+        self.tx
+            .send(chunk)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, ended))?;
+        Ok(n)
     }
 
     /// Sends a copy of `buf` as one chunk; `ended` names what broke.

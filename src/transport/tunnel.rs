@@ -84,22 +84,7 @@ impl Link for TunnelLink {
     }
 
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let frame = self
-            .end
-            .channels
-            .recv()
-            .await
-            .ok_or_else(|| io::Error::new(io::ErrorKind::ConnectionReset, "the relay connection ended"))?;
-        if frame.len() > buf.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "tunnelled frame of {} bytes over the {}-byte limit",
-                    frame.len(),
-                    buf.len()
-                ),
-            ));
-        }
+        let frame = self.recv_datagram(buf).await?;
         buf[..frame.len()].copy_from_slice(&frame);
         Ok(frame.len())
     }
@@ -122,6 +107,33 @@ impl Link for TunnelLink {
             channels: self.end.channels.share(),
             head: self.end.head.clone(),
         }))
+    }
+
+    async fn send_datagram(&self, datagram: Bytes) -> io::Result<usize> {
+        self.end
+            .channels
+            .send_owned(datagram, "the relay connection ended")
+            .await
+    }
+
+    async fn recv_datagram(&self, buf: &mut [u8]) -> io::Result<Bytes> {
+        let frame = self
+            .end
+            .channels
+            .recv()
+            .await
+            .ok_or_else(|| io::Error::new(io::ErrorKind::ConnectionReset, "the relay connection ended"))?;
+        if frame.len() > buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "tunnelled frame of {} bytes over the {}-byte limit",
+                    frame.len(),
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(frame)
     }
 
     fn frame_head(&self) -> Option<&MessageHead> {
