@@ -9,6 +9,8 @@ command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 # The etcd discovery tests start a real etcd server on free loopback ports.
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# The relay test across network namespaces uses `ip netns` and veth pairs.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 
 if ((${#need[@]})); then
   SUDO=""
