@@ -11,15 +11,16 @@
 
 #![cfg(feature = "etcd")]
 
-use std::io::{BufRead, BufReader};
+mod process;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use libatbus::node::{Node, NodeConfig};
+use process::Process;
 
 const MESSAGES: u64 = 100_000;
 
@@ -59,74 +60,6 @@ fn run(argv: &[&str]) {
         .status()
         .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     assert!(status.success(), "{argv:?} failed: {status}");
-}
-
-/// A process and its output lines; killed on drop.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    name: &'static str,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, mut command: Command) -> Proc {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let (tx, lines) = mpsc::channel();
-        for out in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tx = tx.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if std::env::var_os("ATBUS_TEST_VERBOSE").is_some() {
-                        eprintln!("[{name}] {line}");
-                    }
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Proc { child, lines, name }
-    }
-
-    fn expect(&self, prefix: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => {
-                    if let Some(at) = line.find(prefix) {
-                        return line[at + prefix.len()..].trim().to_string();
-                    }
-                }
-                Err(e) => panic!("{} printed no {prefix:?}: {e}", self.name),
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The apps, when run inside a namespace by the test below (otherwise it
@@ -246,7 +179,7 @@ fn cross_namespace_through_relays_across_network_namespaces() {
     std::fs::create_dir_all(&dir).expect("scratch");
     // etcd in namespace A, on the veth address: both namespaces reach it.
     let etcd_url = format!("http://{ip_a}:2379");
-    let _etcd = Proc::spawn(
+    let _etcd = Process::spawn(
         "etcd",
         a.command(&[
             "etcd",
@@ -300,7 +233,7 @@ fn cross_namespace_through_relays_across_network_namespaces() {
     let me = me.to_str().expect("utf-8 path");
     let relay1 = write(&dir, "relay1.yaml", &relay("relay1", "ns1", ip_a));
     let relay2 = write(&dir, "relay2.yaml", &relay("relay2", "ns2", ip_b));
-    let r1 = Proc::spawn(
+    let r1 = Process::spawn(
         "relay1",
         a.command(&[
             relay_bin,
@@ -310,7 +243,7 @@ fn cross_namespace_through_relays_across_network_namespaces() {
             "0",
         ]),
     );
-    let r2 = Proc::spawn(
+    let r2 = Process::spawn(
         "relay2",
         b.command(&[
             relay_bin,
@@ -322,13 +255,13 @@ fn cross_namespace_through_relays_across_network_namespaces() {
     );
     r1.expect("# relay ", Duration::from_secs(20));
     r2.expect("# relay ", Duration::from_secs(20));
-    let child = |ns: &Netns, name: &'static str, role: &str, config: &Path| {
+    let child = |ns: &Netns, name: &str, role: &str, config: &Path| {
         let mut command = ns.command(&[me, "--exact", "netns_child", "--nocapture", "--test-threads", "1"]);
         command
             .env("ATBUS_NETNS_ROLE", role)
             .env("ATBUS_NETNS_CONFIG", config)
             .env("ATBUS_NETNS_PEER", "app2");
-        Proc::spawn(name, command)
+        Process::spawn(name, command)
     };
     let app2 = child(&b, "app2", "echo", &write(&dir, "app2.yaml", &app("app2", "ns2")));
     app2.expect("STARTED", Duration::from_secs(20));

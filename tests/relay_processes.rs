@@ -17,18 +17,19 @@
 #![cfg(feature = "etcd")]
 
 mod etcd_server;
+mod process;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use etcd_server::EtcdServer;
 use libatbus::node::{Node, NodeConfig};
+use process::Process;
 
 const ECHOED: u64 = 100_000;
 
@@ -95,108 +96,32 @@ impl Yaml<'_> {
     }
 }
 
-/// A child process and the lines it prints (stdout and stderr).
-struct Process {
-    name: String,
-    child: Child,
-    lines: Receiver<String>,
+/// A relay process from its config.
+fn relay_process(config: &Path) -> Process {
+    let name = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_atbus-relay"));
+    command.arg("--config").arg(config).args(["--status-every", "0"]);
+    let process = Process::spawn(&name, command);
+    process.expect("# relay ", Duration::from_secs(30));
+    process
 }
 
-impl Process {
-    fn spawn(name: &str, mut command: Command) -> Process {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{name} starts: {e}"));
-        let (tx, lines) = mpsc::channel();
-        for out in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tx = tx.clone();
-            let who = name.to_string();
-            thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    let Ok(line) = line else { break };
-                    if std::env::var_os("ATBUS_TEST_VERBOSE").is_some() {
-                        eprintln!("[{who}] {line}");
-                    }
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Process {
-            name: name.to_string(),
-            child,
-            lines,
-        }
-    }
-
-    /// A relay process from its config.
-    fn relay(config: &Path) -> Process {
-        let name = config
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_atbus-relay"));
-        command.arg("--config").arg(config).args(["--status-every", "0"]);
-        let process = Process::spawn(&name, command);
-        process.expect_line("# relay ");
-        process
-    }
-
-    /// An echo node (this test binary in child mode) from its config.
-    fn echo(config: &Path) -> Process {
-        let name = config
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let mut command = Command::new(std::env::current_exe().expect("test binary"));
-        command
-            .args(["--exact", "echo_child", "--nocapture", "--test-threads", "1"])
-            .env("ATBUS_ECHO_CONFIG", config);
-        let process = Process::spawn(&name, command);
-        process.expect_line("ECHO READY");
-        process
-    }
-
-    fn expect_line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(at) = line.find(prefix) {
-                        return line[at + prefix.len()..].trim().to_string();
-                    }
-                }
-                Err(e) => panic!("{} printed no {prefix:?} line: {e}", self.name),
-            }
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// An echo node (this test binary in child mode) from its config.
+fn echo_process(config: &Path) -> Process {
+    let name = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut command = Command::new(std::env::current_exe().expect("test binary"));
+    command
+        .args(["--exact", "echo_child", "--nocapture", "--test-threads", "1"])
+        .env("ATBUS_ECHO_CONFIG", config);
+    let process = Process::spawn(&name, command);
+    process.expect("ECHO READY", Duration::from_secs(30));
+    process
 }
 
 /// The echo node, when run by a test below (otherwise it returns at once):
@@ -293,8 +218,8 @@ fn cross_namespace_through_relay_processes_and_an_allocated_client() {
         gateways: vec![(1, ip_in, rule_in), (2, ip_out, ANY_RELAY)],
         advertise: None,
     };
-    let _relay1 = Process::relay(&relay("relay1", "ns1", "127.0.1.2", "127.0.1.3", NS1).write(&dir, &url));
-    let _relay2 = Process::relay(&relay("relay2", "ns2", "127.0.2.2", "127.0.2.3", NS2).write(&dir, &url));
+    let _relay1 = relay_process(&relay("relay1", "ns1", "127.0.1.2", "127.0.1.3", NS1).write(&dir, &url));
+    let _relay2 = relay_process(&relay("relay2", "ns2", "127.0.2.2", "127.0.2.3", NS2).write(&dir, &url));
     let app = |name, ns, ip, rule| Yaml {
         name,
         namespace: ns,
@@ -307,7 +232,7 @@ fn cross_namespace_through_relay_processes_and_an_allocated_client() {
             "{ metadata: { namespace_name: ns2, kind: relay } }"
         }),
     };
-    let _app2 = Process::echo(&app("app2", "ns2", "127.0.2.1", NS2).write(&dir, &url));
+    let _app2 = echo_process(&app("app2", "ns2", "127.0.2.1", NS2).write(&dir, &url));
     let app1 = Arc::new(
         Node::start(NodeConfig::from_yaml_file(app("app1", "ns1", "127.0.1.1", NS1).write(&dir, &url)).expect("app1"))
             .expect("app1 starts"),
@@ -322,7 +247,7 @@ fn cross_namespace_through_relay_processes_and_an_allocated_client() {
     assert!(app1.connected_peers().contains(&"relay1".to_string()));
 
     // The client relay: reachable by anyone (an ingress), inside ns1.
-    let _edge = Process::relay(
+    let _edge = relay_process(
         &Yaml {
             name: "edge1",
             namespace: "ns1",
@@ -425,7 +350,7 @@ fn cross_region_through_three_relay_processes() {
         ],
         advertise: Some("{ metadata: { kind: relay, labels: { \"area.region\": \"any\" } } }"),
     };
-    let _relay1 = Process::relay(
+    let _relay1 = relay_process(
         &region_relay(
             "relay1",
             "ns1",
@@ -436,7 +361,7 @@ fn cross_region_through_three_relay_processes() {
         )
         .write(&dir, &url),
     );
-    let _relay2 = Process::relay(
+    let _relay2 = relay_process(
         &region_relay(
             "relay2",
             "ns2",
@@ -447,7 +372,7 @@ fn cross_region_through_three_relay_processes() {
         )
         .write(&dir, &url),
     );
-    let relay3 = Process::relay(
+    let relay3 = relay_process(
         &Yaml {
             name: "relay3",
             namespace: "ns3",
@@ -469,7 +394,7 @@ fn cross_region_through_three_relay_processes() {
         gateways: vec![(1, ip, rule)],
         advertise: Some(relay_ns),
     };
-    let _app2 = Process::echo(
+    let _app2 = echo_process(
         &app(
             "cr-app2",
             "ns2",
@@ -527,11 +452,11 @@ fn a_relay_killed_mid_transfer_loses_nothing() {
     let mut relays = [
         (
             "relay-a",
-            Process::relay(&relay("relay-a", "127.0.4.1").write(&dir, &url)),
+            relay_process(&relay("relay-a", "127.0.4.1").write(&dir, &url)),
         ),
         (
             "relay-b",
-            Process::relay(&relay("relay-b", "127.0.4.2").write(&dir, &url)),
+            relay_process(&relay("relay-b", "127.0.4.2").write(&dir, &url)),
         ),
     ];
     let app = |name, ns, ip| Yaml {
@@ -542,7 +467,7 @@ fn a_relay_killed_mid_transfer_loses_nothing() {
         gateways: vec![(1, ip, only_relays)],
         advertise: Some("{ metadata: { kind: relay } }"),
     };
-    let _app2 = Process::echo(&app("ko-app2", "ns2", "127.0.2.1").write(&dir, &url));
+    let _app2 = echo_process(&app("ko-app2", "ns2", "127.0.2.1").write(&dir, &url));
     let app1 = Arc::new(
         Node::start(NodeConfig::from_yaml_file(app("ko-app1", "ns1", "127.0.1.1").write(&dir, &url)).expect("ko-app1"))
             .expect("app1 starts"),
