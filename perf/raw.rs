@@ -7,7 +7,7 @@
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -51,31 +51,13 @@ pub fn raw_kind(transport: &str) -> &str {
 /// Messages/s of the same traffic over a bare socket, and messages lost.
 pub fn baseline_throughput(transport: &str, payload: usize, messages: u64) -> (f64, u64) {
     match raw_kind(transport) {
-        "tcp" => {
-            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            let rx = thread::spawn(move || {
+        kind @ ("tcp" | "unix") => {
+            let (tx, rx) = stream_pair(kind);
+            let reader = thread::spawn(move || {
                 pin(1);
-                let (socket, _) = listener.accept().expect("accept");
-                read_framed(socket, payload, messages)
+                read_framed(rx, payload, messages)
             });
-            let socket = TcpStream::connect(addr).expect("connect");
-            let _ = socket.set_nodelay(true);
-            (messages as f64 / write_framed(socket, payload, messages, rx), 0)
-        }
-        "unix" => {
-            let path = std::env::temp_dir().join(format!("atbus-base-{}.sock", std::process::id()));
-            let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path).expect("bind");
-            let rx = thread::spawn(move || {
-                pin(1);
-                let (socket, _) = listener.accept().expect("accept");
-                read_framed(socket, payload, messages)
-            });
-            let socket = UnixStream::connect(&path).expect("connect");
-            let rate = messages as f64 / write_framed(socket, payload, messages, rx);
-            let _ = std::fs::remove_file(&path);
-            (rate, 0)
+            (messages as f64 / write_framed(tx, payload, messages, reader), 0)
         }
         "udp" => udp_throughput(payload, messages),
         "mem" => {
@@ -162,23 +144,8 @@ fn udp_throughput(payload: usize, messages: u64) -> (f64, u64) {
 pub fn baseline_rtt(transport: &str, trips: usize) -> Histogram<u64> {
     let total = trips + (trips / 10).max(10);
     match raw_kind(transport) {
-        "tcp" => {
-            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            let server = thread::spawn(move || {
-                pin(1);
-                let (socket, _) = listener.accept().expect("accept");
-                let _ = socket.set_nodelay(true);
-                echo_stream(socket, total);
-            });
-            let socket = TcpStream::connect(addr).expect("connect");
-            let _ = socket.set_nodelay(true);
-            let hist = ping_stream(socket, trips, total);
-            server.join().expect("server");
-            hist
-        }
-        "unix" => {
-            let (a, b) = UnixStream::pair().expect("pair");
+        kind @ ("tcp" | "unix") => {
+            let (a, b) = stream_pair(kind);
             let server = thread::spawn(move || {
                 pin(1);
                 echo_stream(b, total);

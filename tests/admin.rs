@@ -51,6 +51,20 @@ fn value(metrics: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// `a` sends `count` messages of 100 B to `b` over tcp; `b` receives them.
+fn exchange(a: &Node, b: &Node, count: u32) {
+    a.add_route(b.name(), tcp(b)).expect("route");
+    for i in 0..count {
+        let mut data = vec![0u8; 100];
+        data[..4].copy_from_slice(&i.to_le_bytes());
+        a.send_blocking(b.name(), 1, Bytes::from(data), Duration::from_secs(10))
+            .expect("send");
+    }
+    for _ in 0..count {
+        b.recv_timeout(Duration::from_secs(10)).expect("delivered");
+    }
+}
+
 fn tcp(node: &Node) -> Address {
     node.listen_addresses()[0].clone()
 }
@@ -60,16 +74,7 @@ fn metrics_count_a_known_exchange_exactly() {
     let discovery = Arc::new(MemoryDiscovery::new());
     let a = start("admin-a", &["tcp://127.0.0.1:0"], &discovery);
     let b = start("admin-b", &["tcp://127.0.0.1:0"], &discovery);
-    a.add_route("admin-b", tcp(&b)).expect("route");
-    for i in 0..1000u32 {
-        let mut data = vec![0u8; 100];
-        data[..4].copy_from_slice(&i.to_le_bytes());
-        a.send_blocking("admin-b", 1, Bytes::from(data), Duration::from_secs(10))
-            .expect("send");
-    }
-    for _ in 0..1000 {
-        b.recv_timeout(Duration::from_secs(10)).expect("delivered");
-    }
+    exchange(&a, &b, 1000);
     // Pings every 100 ms: wait for round trips to be recorded.
     let b_admin = b.admin_address().expect("admin runs");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -150,16 +155,7 @@ fn stats_windows_follow_a_known_exchange() {
     let discovery = Arc::new(MemoryDiscovery::new());
     let a = start("admin-e", &["tcp://127.0.0.1:0"], &discovery);
     let b = start("admin-f", &["tcp://127.0.0.1:0"], &discovery);
-    a.add_route("admin-f", tcp(&b)).expect("route");
-    for i in 0..2000u32 {
-        let mut data = vec![0u8; 100];
-        data[..4].copy_from_slice(&i.to_le_bytes());
-        a.send_blocking("admin-f", 1, Bytes::from(data), Duration::from_secs(10))
-            .expect("send");
-    }
-    for _ in 0..2000 {
-        b.recv_timeout(Duration::from_secs(10)).expect("delivered");
-    }
+    exchange(&a, &b, 2000);
     let b_admin = b.admin_address().expect("admin runs");
     // Samples come once a second; round trips every 100 ms.
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -30,15 +30,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let from_file = libatbus::node::NodeFile::load(&cli.config).ok().and_then(|f| f.log);
-    let log_level = std::env::var("ATBUS_LOG")
-        .ok()
-        .or(from_file)
-        .unwrap_or_else(|| "warn".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(log_level))
-        .with_writer(std::io::stderr)
-        .try_init();
+    libatbus::node::init_logging(Some(&cli.config));
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {

@@ -254,6 +254,21 @@ pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
     Ok(out)
 }
 
+/// The binaries' logging: to stderr, filtered by `ATBUS_LOG`, else by the
+/// `log:` of the node config file `config` (when given and readable), else
+/// `warn`. A second call does nothing.
+pub fn init_logging(config: Option<&Path>) {
+    let from_file = config.and_then(|c| NodeFile::load(c).ok()).and_then(|f| f.log);
+    let filter = std::env::var("ATBUS_LOG")
+        .ok()
+        .or(from_file)
+        .unwrap_or_else(|| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 impl NodeFile {
     /// Parses YAML text after [`expand_env`] with the process environment;
     /// errors carry the line and the offending key.

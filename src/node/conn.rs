@@ -558,37 +558,26 @@ async fn run_link<L: Link>(state: Rc<ShardState>, link: Rc<L>, dial: Dial, origi
 /// A connection on the peer's home shard, handshake done, with its reader
 /// holding whatever arrived after the handshake.
 pub(super) async fn adopted(state: Rc<ShardState>, connected: Connected, peer: Peer, leftover: Bytes, origin: String) {
-    fn reader_for(state: &ShardState, datagram: bool, leftover: &[u8]) -> FrameReader {
-        let mut reader = FrameReader::new(&state.shared.config.frame, datagram);
-        reader.decoder.extend(leftover);
-        reader
-    }
     match connected {
-        Connected::Tcp(link) => {
-            let reader = reader_for(&state, false, &leftover);
-            established(state, Rc::new(link), reader, peer, origin).await
-        }
-        Connected::Unix(link) => {
-            let reader = reader_for(&state, false, &leftover);
-            established(state, Rc::new(link), reader, peer, origin).await
-        }
-        Connected::Udp(link) => {
-            let reader = reader_for(&state, true, &[]);
-            established(state, Rc::new(link), reader, peer, origin).await
-        }
-        Connected::Quic(link) => {
-            let reader = reader_for(&state, false, &leftover);
-            established(state, Rc::new(link), reader, peer, origin).await
-        }
-        Connected::Bridged(link) => {
-            let reader = reader_for(&state, false, &leftover);
-            established(state, Rc::new(link), reader, peer, origin).await
-        }
-        Connected::Tunnel(link) => {
-            let reader = reader_for(&state, true, &[]);
-            established(state, Rc::new(link), reader, peer, origin).await
-        }
-    };
+        Connected::Tcp(link) => adopted_link(state, link, peer, &leftover, origin).await,
+        Connected::Unix(link) => adopted_link(state, link, peer, &leftover, origin).await,
+        Connected::Udp(link) => adopted_link(state, link, peer, &leftover, origin).await,
+        Connected::Quic(link) => adopted_link(state, link, peer, &leftover, origin).await,
+        Connected::Bridged(link) => adopted_link(state, link, peer, &leftover, origin).await,
+        Connected::Tunnel(link) => adopted_link(state, link, peer, &leftover, origin).await,
+    }
+}
+
+/// [`adopted`] for one kind of link: a stream link's reader starts with the
+/// bytes read after the handshake (a datagram link has none: each datagram
+/// was a whole frame).
+async fn adopted_link<L: Link>(state: Rc<ShardState>, link: L, peer: Peer, leftover: &[u8], origin: String) {
+    let datagram = link.is_datagram();
+    let mut reader = FrameReader::new(&state.shared.config.frame, datagram);
+    if !datagram {
+        reader.decoder.extend(leftover);
+    }
+    established(state, Rc::new(link), reader, peer, origin).await;
 }
 
 /// Serves an established connection in its task class: a latency path's
@@ -1285,27 +1274,24 @@ fn handle_frame(
             super::relay::tunnelled(state, endpoint, frame);
             return Ok(());
         }
-    }
-    if let Some(head) = &frame.head
-        && !head.destination.is_empty()
-        && head.destination != *state.shared.name
-    {
-        // This node does not forward (relays do).
-        let message = format!(
-            "frame for {:?} sent to {:?}, which does not forward",
-            head.destination, state.shared.name
-        );
-        return Err(if peer.anonymous {
-            Fault::Fatal(reason(
-                AtbusCloseReason::Unauthorized,
-                format!(
-                    "anonymous peer {:?} may talk to {:?} only: {message}",
-                    endpoint.peer, state.shared.name
-                ),
-            ))
-        } else {
-            Fault::Bad(message)
-        });
+        if elsewhere {
+            // This node does not forward (relays do).
+            let message = format!(
+                "frame for {:?} sent to {:?}, which does not forward",
+                head.destination, state.shared.name
+            );
+            return Err(if peer.anonymous {
+                Fault::Fatal(reason(
+                    AtbusCloseReason::Unauthorized,
+                    format!(
+                        "anonymous peer {:?} may talk to {:?} only: {message}",
+                        endpoint.peer, state.shared.name
+                    ),
+                ))
+            } else {
+                Fault::Bad(message)
+            });
+        }
     }
     match &frame.body {
         Some(Body::Ping(ping)) => {

@@ -29,7 +29,7 @@ mod relay;
 pub mod routing;
 mod shard;
 
-pub use config_file::{DiscoveryFile, NodeFile, expand_env};
+pub use config_file::{DiscoveryFile, NodeFile, expand_env, init_logging};
 pub use conn::HANDSHAKE_STREAM;
 pub use routing::{NoRoute, Plan, RelayPolicy};
 

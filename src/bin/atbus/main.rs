@@ -336,17 +336,7 @@ fn main() -> ExitCode {
         | Command::Ping { config, .. } => Some(config.clone()),
         _ => None,
     };
-    let from_file = config
-        .and_then(|c| libatbus::node::NodeFile::load(c).ok())
-        .and_then(|f| f.log);
-    let log_level = std::env::var("ATBUS_LOG")
-        .ok()
-        .or(from_file)
-        .unwrap_or_else(|| "warn".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(log_level))
-        .with_writer(std::io::stderr)
-        .try_init();
+    libatbus::node::init_logging(config.as_deref());
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Node { config } => run_node(&config),
