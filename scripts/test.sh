@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# One-shot build: incremental caches would only take disk (override to keep them).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 step "prerequisites"
 scripts/install-deps.sh
 
