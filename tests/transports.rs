@@ -349,3 +349,57 @@ fn urgent_message_overtakes_a_full_ordinary_queue() {
     writer.stop(Duration::from_millis(100));
     reader.stop(Duration::from_millis(100));
 }
+
+/// A reader with a tiny application queue that stops now and then: the
+/// sender is held back (same process: `WouldBlock` until the reader makes
+/// room; over a connection: the shard keeps what does not fit), and every
+/// message still arrives once and in order, however the reads and the
+/// deliveries interleave.
+#[test]
+fn a_tiny_application_queue_with_a_stalling_reader_loses_nothing() {
+    let tag = std::process::id();
+    for transport in ["mem", "tcp"] {
+        let listen = match transport {
+            "mem" => format!("mem://tiny-queue-{tag}"),
+            _ => "tcp://127.0.0.1:0".to_string(),
+        };
+        let mut config = NodeConfig::new(&format!("tiny-reader-{transport}"), &[&listen]).expect("config");
+        config.recv_queue = 4;
+        let reader = Node::start(config).expect("node starts");
+        let writer = Arc::new(node(&format!("tiny-writer-{transport}"), "tcp://127.0.0.1:0", 1));
+        let name = reader.name().to_string();
+        writer
+            .add_route(&name, reader.listen_addresses()[0].clone())
+            .expect("route");
+        const COUNT: u64 = 20_000;
+        let sender = {
+            let writer = writer.clone();
+            let name = name.clone();
+            thread::spawn(move || {
+                for seq in 0..COUNT {
+                    writer
+                        .send_blocking(&name, 1, payload(seq, 32), Duration::from_secs(20))
+                        .unwrap_or_else(|e| panic!("{transport}: send {seq}: {e}"));
+                }
+            })
+        };
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for seq in 0..COUNT {
+            // xorshift: a pause every ~500 messages, of up to 2 ms.
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            if rng % 500 == 0 {
+                thread::sleep(Duration::from_micros(rng % 2000));
+            }
+            let message = reader
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("{transport}: message {seq} never came"));
+            check(seq, &message.data);
+        }
+        sender.join().expect("sender");
+        assert!(reader.try_recv().is_none(), "{transport}: nothing more");
+        writer.stop(Duration::from_millis(100));
+        reader.stop(Duration::from_millis(100));
+    }
+}

@@ -68,35 +68,69 @@ pub(super) fn lookup(name: &str) -> Option<Arc<Shared>> {
     REGISTRY.lock().ok()?.get(name)?.upgrade()
 }
 
+/// A route to a same-process node: its queues and flags held directly, so a
+/// send writes no reference count or line the receiving thread reads.
+pub(super) struct MemTarget {
+    shared: Weak<Shared>,
+    app_tx: crossbeam_channel::Sender<Message>,
+    urgent_tx: crossbeam_channel::Sender<Message>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    max_message_len: usize,
+}
+
+impl std::fmt::Debug for MemTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.shared.upgrade().map(|s| s.name.clone());
+        f.debug_struct("MemTarget").field("node", &name).finish_non_exhaustive()
+    }
+}
+
+impl MemTarget {
+    pub(super) fn new(target: &Arc<Shared>) -> Self {
+        Self {
+            shared: Arc::downgrade(target),
+            app_tx: target.app_tx.clone(),
+            urgent_tx: target.urgent_tx.clone(),
+            stopping: target.stopping.clone(),
+            max_message_len: target.config.stream.max_message_len,
+        }
+    }
+}
+
 pub(super) fn send(
     from: &Arc<Shared>,
-    target: &Weak<Shared>,
+    target: &MemTarget,
     peer: &str,
     stream_id: StreamId,
     data: Bytes,
     urgent: bool,
 ) -> Result<(), SendError> {
-    let Some(target) = target.upgrade().filter(|t| !t.stopping.load(Ordering::Acquire)) else {
-        return Err(SendError::UnknownPeer(format!("{peer} (mem peer stopped)")));
-    };
-    super::check_message(peer, stream_id, &data, target.config.stream.max_message_len)?;
+    let stopped = || SendError::UnknownPeer(format!("{peer} (mem peer stopped)"));
+    if target.stopping.load(Ordering::Acquire) {
+        return Err(stopped());
+    }
+    super::check_message(peer, stream_id, &data, target.max_message_len)?;
     let message = Message {
-        from: from.name.clone(),
+        from: from.small_name.clone(),
         stream_id,
         data,
     };
     let queue = if urgent { &target.urgent_tx } else { &target.app_tx };
     match queue.try_send(message) {
         Ok(()) => Ok(()),
-        Err(_) => {
+        Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(stopped()),
+        Err(crossbeam_channel::TrySendError::Full(_)) => {
+            let Some(target) = target.shared.upgrade() else {
+                return Err(stopped());
+            };
             if let Ok(mut waiters) = target.mem_waiters.lock()
                 && !waiters.iter().any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(from)))
             {
                 waiters.push(Arc::downgrade(from));
             }
-            target.mem_waiting.store(true, Ordering::Release);
-            // The peer may have drained between the failed send and the flag.
-            if !queue.is_full() {
+            target.mem_waiting[usize::from(urgent)].store(true, Ordering::SeqCst);
+            // The peer may have read its queue down before the flag was up.
+            if target.has_room(urgent) {
                 from.notify_writable();
             }
             Err(SendError::WouldBlock {

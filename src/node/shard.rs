@@ -65,6 +65,7 @@ impl ShardState {
         }
         let endpoint = Rc::new(Endpoint {
             peer: peer.clone(),
+            small_name: super::SmolStr::new(&**peer),
             state: RefCell::new(EndpointState {
                 session: Session::new(self.shared.config.stream.clone(), Instant::now()),
                 incarnation: None,
@@ -413,6 +414,8 @@ impl EndpointState {
 /// One remote node.
 pub(super) struct Endpoint {
     pub peer: Arc<str>,
+    /// `peer` as [`Message::from`] carries it.
+    small_name: super::SmolStr,
     pub state: RefCell<EndpointState>,
     /// Bytes sent to this peer from other threads, not yet in the session.
     /// The route's byte counter (replaced when the route is made again).
@@ -578,7 +581,7 @@ impl Endpoint {
                         if st.session.is_peer_encrypted(stream_id) {
                             for data in st.open(shard, &self.peer, stream_id, &data) {
                                 let message = Message {
-                                    from: self.peer.clone(),
+                                    from: self.small_name.clone(),
                                     stream_id,
                                     data,
                                 };
@@ -589,7 +592,7 @@ impl Endpoint {
                             continue;
                         }
                         let message = Message {
-                            from: self.peer.clone(),
+                            from: self.small_name.clone(),
                             stream_id,
                             data,
                         };
@@ -932,9 +935,7 @@ pub(super) fn drain_send_queue() {
             while let Some(outgoing) = urgent.pop() {
                 drain.take(outgoing);
             }
-            for endpoint in std::mem::replace(&mut drain.touched, before) {
-                endpoint.drive(&state);
-            }
+            Drain::drive(std::mem::replace(&mut drain.touched, before), &state);
         }
         let mut batch = 0;
         while batch < URGENT_CHECK {
@@ -952,9 +953,7 @@ pub(super) fn drain_send_queue() {
         freed,
         ..
     } = drain;
-    for endpoint in touched {
-        endpoint.drive(&state);
-    }
+    Drain::drive(touched, &state);
     let left = !bulk.is_empty() || !urgent.is_empty();
     if left && !state.shared.drain_scheduled[state.index].swap(true, Ordering::AcqRel) {
         state.shared.shards[state.index].submit(drain_send_queue);
@@ -983,6 +982,9 @@ fn drain_all(state: &Rc<ShardState>) {
             drain.take(outgoing);
         }
     }
+    for (endpoint, released) in &drain.touched {
+        Drain::release(endpoint, *released);
+    }
     report_dropped(state, drain.dropped);
 }
 
@@ -1002,8 +1004,11 @@ fn report_dropped(state: &ShardState, dropped: BTreeMap<(Arc<str>, StreamId), (u
 /// One drain job's bookkeeping.
 struct Drain<'a> {
     state: &'a Rc<ShardState>,
-    /// Endpoints given messages, to drive once.
-    touched: Vec<Rc<Endpoint>>,
+    /// Endpoints given messages, to drive once, with the bytes (ordinary,
+    /// urgent) their sessions took: released from the senders' backlog
+    /// counters once per drain, not per message (each release is a write to
+    /// a line the sending thread writes too).
+    touched: Vec<(Rc<Endpoint>, [usize; 2])>,
     /// Messages for peers gone for good, per stream.
     dropped: BTreeMap<(Arc<str>, StreamId), (u64, u64)>,
     any_forgotten: bool,
@@ -1028,10 +1033,11 @@ impl Drain<'_> {
         }
         let endpoint = state.endpoint(&outgoing.to);
         let metrics = &state.shared.shard_metrics[state.index];
-        match endpoint.send(state, outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
+        let class = usize::from(outgoing.urgent);
+        let taken = match endpoint.send(state, outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
             Ok(()) => {
                 metrics.sent(len);
-                release(&endpoint.queued.borrow()[usize::from(outgoing.urgent)], len);
+                len
             }
             Err(crate::stream::SendError::WouldBlock { .. }) => {
                 metrics.sent(len);
@@ -1044,14 +1050,36 @@ impl Drain<'_> {
                     .entry(outgoing.stream_id)
                     .or_default()
                     .push_back((outgoing.data, outgoing.urgent));
+                0
             }
             Err(e) => {
-                release(&endpoint.queued.borrow()[usize::from(outgoing.urgent)], len);
                 tracing::warn!(peer = %outgoing.to, "message refused by the stream layer: {e}");
+                len
+            }
+        };
+        match self.touched.iter_mut().find(|(t, _)| Rc::ptr_eq(t, &endpoint)) {
+            Some((_, released)) => released[class] += taken,
+            None => {
+                let mut released = [0; 2];
+                released[class] = taken;
+                self.touched.push((endpoint, released));
             }
         }
-        if !self.touched.iter().any(|t| Rc::ptr_eq(t, &endpoint)) {
-            self.touched.push(endpoint);
+    }
+
+    /// Releases what the sessions took and runs each touched endpoint once.
+    fn drive(touched: Vec<(Rc<Endpoint>, [usize; 2])>, state: &ShardState) {
+        for (endpoint, released) in touched {
+            Self::release(&endpoint, released);
+            endpoint.drive(state);
+        }
+    }
+
+    fn release(endpoint: &Endpoint, released: [usize; 2]) {
+        for (class, len) in released.into_iter().enumerate() {
+            if len > 0 {
+                release(&endpoint.queued.borrow()[class], len);
+            }
         }
     }
 }

@@ -6,8 +6,12 @@
 //! connection carried them), so containment and partial overlap need no special
 //! case. A fragment without HAS_MORE marks a message end; a message is delivered
 //! once every byte from the previous end to its end is present.
+//!
+//! Data below the contiguous prefix (`ack_offset`) sits in queues in offset
+//! order, so the in-order case (every packet on a stream link) is a push and a
+//! pop; only data above a gap goes into ordered maps until the gap fills.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
@@ -32,9 +36,15 @@ pub(crate) struct RecvStream {
     contiguous: u64,
     /// End of the highest byte range received (received_max_offset).
     max_received: u64,
-    /// Data at or after `deliver_offset`, keyed by start offset, non-overlapping.
+    /// Data in `[deliver_offset, contiguous)`, by start offset, in order and
+    /// without gaps.
+    ready: VecDeque<(u64, Bytes)>,
+    /// Message ends in `(deliver_offset, contiguous]`, ascending.
+    ready_ends: VecDeque<u64>,
+    /// Data above `contiguous` (after a gap), keyed by start offset,
+    /// non-overlapping.
     chunks: BTreeMap<u64, Bytes>,
-    /// Message end offsets above `deliver_offset`.
+    /// Message end offsets above `contiguous`.
     ends: BTreeSet<u64>,
     /// Offset ranges held above `contiguous` (reported as selective acks).
     above: RangeSet<u64>,
@@ -66,7 +76,8 @@ impl RecvStream {
     /// Bytes held for reassembly.
     #[cfg(test)]
     pub(crate) fn buffered(&self) -> usize {
-        self.chunks.values().map(Bytes::len).sum()
+        self.ready.iter().map(|(_, data)| data.len()).sum::<usize>()
+            + self.chunks.values().map(Bytes::len).sum::<usize>()
     }
 
     #[cfg(test)]
@@ -82,7 +93,7 @@ impl RecvStream {
     /// True exactly once: when the FIN was reached and every message before it
     /// was delivered.
     pub(crate) fn take_finish(&mut self) -> bool {
-        if self.finished && self.ends.is_empty() && !self.finish_reported {
+        if self.finished && self.ready_ends.is_empty() && self.ends.is_empty() && !self.finish_reported {
             self.finish_reported = true;
             return true;
         }
@@ -96,6 +107,21 @@ impl RecvStream {
             return;
         }
         self.deliver_offset = offset;
+        while let Some((start, data)) = self.ready.front_mut() {
+            let end = *start + data.len() as u64;
+            if end <= offset {
+                self.ready.pop_front();
+            } else {
+                if *start < offset {
+                    *data = data.slice((offset - *start) as usize..);
+                    *start = offset;
+                }
+                break;
+            }
+        }
+        while self.ready_ends.front().is_some_and(|&end| end <= offset) {
+            self.ready_ends.pop_front();
+        }
         self.contiguous = self.contiguous.max(offset);
         self.max_received = self.max_received.max(offset);
         let kept = self.chunks.split_off(&offset);
@@ -135,11 +161,11 @@ impl RecvStream {
             if end <= self.deliver_offset || self.finished {
                 continue;
             }
-            if !fragment.has_more() {
-                self.ends.insert(end);
-            }
             self.max_received = self.max_received.max(end);
             received.accepted += self.fill(start, &fragment.data);
+            if !fragment.has_more() {
+                self.add_end(end);
+            }
         }
         if fin && position <= limit && self.fin.is_none() && !self.finished && position >= self.deliver_offset {
             self.fin = Some(position);
@@ -149,6 +175,25 @@ impl RecvStream {
         received
     }
 
+    /// Records a message end (above `deliver_offset`).
+    fn add_end(&mut self, end: u64) {
+        if end > self.contiguous {
+            self.ends.insert(end);
+            return;
+        }
+        match self.ready_ends.back() {
+            None => self.ready_ends.push_back(end),
+            Some(&last) if last < end => self.ready_ends.push_back(end),
+            // Known already (a resent fragment), or a peer marking ends
+            // inconsistently: kept sorted, once.
+            _ => {
+                if let Err(at) = self.ready_ends.binary_search(&end) {
+                    self.ready_ends.insert(at, end);
+                }
+            }
+        }
+    }
+
     /// Copies the parts of `[start, start + data.len())` that are not yet held
     /// (as slices of `data`). Returns the number of new bytes.
     fn fill(&mut self, start: u64, data: &Bytes) -> usize {
@@ -156,11 +201,15 @@ impl RecvStream {
         // In-order fast path: nothing is held above the contiguous prefix and
         // this starts right at its end, so it overlaps nothing held.
         if start == self.contiguous && start >= self.deliver_offset && self.above.is_empty() && !self.finished {
-            self.chunks.insert(start, data.clone());
+            self.ready.push_back((start, data.clone()));
             self.contiguous = end;
             return data.len();
         }
-        let mut cursor = start.max(self.deliver_offset);
+        // Everything below `contiguous` is held already.
+        let mut cursor = start.max(self.deliver_offset).max(self.contiguous);
+        if cursor >= end {
+            return 0;
+        }
         let mut added = 0;
         let mut gaps = Vec::new();
         // A held chunk that starts before `cursor` may cover it.
@@ -200,6 +249,18 @@ impl RecvStream {
         if self.contiguous > 0 && !self.above.is_empty() {
             self.above.remove(0..self.contiguous);
         }
+        // What the gap held joins the in-order queues.
+        while let Some(entry) = self.chunks.first_entry()
+            && *entry.key() < self.contiguous
+        {
+            self.ready.push_back(entry.remove_entry());
+        }
+        while let Some(&end) = self.ends.first()
+            && end <= self.contiguous
+        {
+            self.ends.pop_first();
+            self.add_end(end);
+        }
         if self.fin == Some(self.contiguous) && !self.finished {
             // Every byte up to the FIN is here; the FIN itself takes one offset.
             self.contiguous += 1;
@@ -214,26 +275,25 @@ impl RecvStream {
         } else {
             self.contiguous
         };
-        let end = *self.ends.first()?;
+        let end = *self.ready_ends.front()?;
         if end > data_end {
             return None;
         }
-        self.ends.pop_first();
+        self.ready_ends.pop_front();
         let len = usize::try_from(end.saturating_sub(self.deliver_offset)).unwrap_or(0);
         // One chunk (the common case) is returned as is; more are joined.
         let mut single: Option<Bytes> = None;
         let mut joined: Option<BytesMut> = None;
-        while let Some(entry) = self.chunks.first_entry() {
-            let start = *entry.key();
+        while let Some((start, mut data)) = self.ready.pop_front() {
             if start >= end {
+                self.ready.push_front((start, data));
                 break;
             }
-            let mut data = entry.remove();
             let chunk_end = start + data.len() as u64;
             if chunk_end > end {
                 // Only a peer that marks boundaries inconsistently gets here.
                 let rest = data.split_off((end - start) as usize);
-                self.chunks.insert(end, rest);
+                self.ready.push_front((end, rest));
             }
             if let Some(joined) = joined.as_mut() {
                 joined.extend_from_slice(&data);
@@ -318,6 +378,27 @@ mod tests {
         assert_eq!(r.ack_offset(), 11, "FIN takes one offset");
         assert!(r.is_finished());
         assert_eq!(drain(&mut r), vec![Bytes::from_static(b"0123456789")]);
+    }
+
+    #[test]
+    fn a_filled_gap_joins_the_in_order_data() {
+        let mut r = RecvStream::default();
+        r.insert(0, &[frag(b"ab", false)], false, u64::MAX);
+        // A gap [2, 4), then two messages above it.
+        r.insert(4, &[frag(b"ef", false), frag(b"gh", true)], false, u64::MAX);
+        assert_eq!(drain(&mut r), vec![Bytes::from_static(b"ab")]);
+        assert_eq!(r.ack_offset(), 2);
+        r.insert(2, &[frag(b"cd", false)], false, u64::MAX);
+        assert_eq!(r.ack_offset(), 8);
+        assert_eq!(
+            drain(&mut r),
+            vec![Bytes::from_static(b"cd"), Bytes::from_static(b"ef")]
+        );
+        // In order again; a reset inside held data cuts it.
+        r.insert(8, &[frag(b"ij", false), frag(b"klmn", false)], false, u64::MAX);
+        r.reset_to(11); // "ghij" (gh went on) and "k" are skipped
+        assert_eq!(drain(&mut r), vec![Bytes::from_static(b"lmn")]);
+        assert_eq!(r.buffered(), 0);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use hdrhistogram::Histogram;
 #[path = "../../../perf/raw.rs"]
 mod raw;
 use libatbus::node::{Message, Node, NodeConfig};
-use raw::{BULK, PING, baseline_rtt, baseline_throughput, baseline_under_bulk, histogram, static_payload};
+use raw::{BULK, PING, baseline_rtt, baseline_throughput, baseline_under_bulk, histogram, pin, static_payload};
 use serde::Serialize;
 
 /// `atbus bench` options.
@@ -462,6 +462,7 @@ impl Pair {
         let receiver = {
             let total = total.clone();
             thread::spawn(move || {
+                pin(1);
                 let mut received = 0u64;
                 while received < total.load(Ordering::Acquire) {
                     if b.recv_timeout(Duration::from_millis(100)).is_some() {
@@ -480,14 +481,21 @@ impl Pair {
                 Ok(Instant::now())
             })
         };
-        let started = Instant::now();
-        let mut sent = 0u64;
-        while started.elapsed() < period {
-            for _ in 0..256 {
-                send(&self.a, PEER_B, stream, data.clone(), false);
+        let a = self.a.clone();
+        let (started, sent) = thread::spawn(move || {
+            pin(0);
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while started.elapsed() < period {
+                for _ in 0..256 {
+                    send(&a, PEER_B, stream, data.clone(), false);
+                }
+                sent += 256;
             }
-            sent += 256;
-        }
+            (started, sent)
+        })
+        .join()
+        .map_err(|_| "the sending thread panicked".to_string())?;
         total.store(sent, Ordering::Release);
         let done = receiver
             .join()
@@ -499,7 +507,13 @@ impl Pair {
     fn ping_pong(&self, trips: usize, stream: i64) -> Histogram<u64> {
         let stop = Arc::new(AtomicBool::new(false));
         let echo = self.echo(stop.clone());
-        let hist = ping(&self.a, trips, stream, false);
+        let a = self.a.clone();
+        let hist = thread::spawn(move || {
+            pin(0);
+            ping(&a, trips, stream, false)
+        })
+        .join()
+        .expect("ping");
         stop.store(true, Ordering::Release);
         echo.join().expect("echo");
         hist
@@ -510,6 +524,7 @@ impl Pair {
     fn echo(&self, stop: Arc<AtomicBool>) -> thread::JoinHandle<(u64, Duration)> {
         let b = self.b.clone();
         thread::spawn(move || {
+            pin(1);
             let started = Instant::now();
             let mut bulk = 0u64;
             while !stop.load(Ordering::Acquire) {
