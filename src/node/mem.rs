@@ -72,8 +72,7 @@ pub(super) fn lookup(name: &str) -> Option<Arc<Shared>> {
 /// send writes no reference count or line the receiving thread reads.
 pub(super) struct MemTarget {
     shared: Weak<Shared>,
-    app_tx: crossbeam_channel::Sender<Message>,
-    urgent_tx: crossbeam_channel::Sender<Message>,
+    inbox: Arc<super::inbox::AppInbox>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
     max_message_len: usize,
 }
@@ -89,8 +88,7 @@ impl MemTarget {
     pub(super) fn new(target: &Arc<Shared>) -> Self {
         Self {
             shared: Arc::downgrade(target),
-            app_tx: target.app_tx.clone(),
-            urgent_tx: target.urgent_tx.clone(),
+            inbox: target.inbox.clone(),
             stopping: target.stopping.clone(),
             max_message_len: target.config.stream.max_message_len,
         }
@@ -115,11 +113,12 @@ pub(super) fn send(
         stream_id,
         data,
     };
-    let queue = if urgent { &target.urgent_tx } else { &target.app_tx };
-    match queue.try_send(message) {
-        Ok(()) => Ok(()),
-        Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(stopped()),
-        Err(crossbeam_channel::TrySendError::Full(_)) => {
+    match target.inbox.push(message, urgent) {
+        Ok(()) => {
+            target.inbox.wake();
+            Ok(())
+        }
+        Err(_) => {
             let Some(target) = target.shared.upgrade() else {
                 return Err(stopped());
             };
@@ -129,6 +128,7 @@ pub(super) fn send(
                 waiters.push(Arc::downgrade(from));
             }
             target.mem_waiting[usize::from(urgent)].store(true, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
             // The peer may have read its queue down before the flag was up.
             if target.has_room(urgent) {
                 from.notify_writable();

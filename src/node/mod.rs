@@ -23,6 +23,7 @@
 mod admin;
 mod config_file;
 mod conn;
+mod inbox;
 mod mem;
 pub mod metrics;
 mod relay;
@@ -41,7 +42,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use crossbeam_queue::ArrayQueue;
 
 use crate::address::{Address, AddressError};
@@ -628,11 +629,9 @@ struct Shared {
     config: NodeConfig,
     shards: Vec<ShardHandle>,
     peers: RwLock<NameMap<Route>>,
-    app_tx: Sender<Message>,
-    app_rx: Receiver<Message>,
-    /// Messages of streams the peer flagged urgent: read first.
-    urgent_tx: Sender<Message>,
-    urgent_rx: Receiver<Message>,
+    /// Received messages for the application (those of streams the peer
+    /// flagged urgent are read first).
+    inbox: Arc<inbox::AppInbox>,
     /// Per class (ordinary, urgent): a shard holds messages because that
     /// application queue was full.
     app_blocked: [AtomicBool; 2],
@@ -696,7 +695,7 @@ impl Shared {
             auth_failures: c.auth_failures.load(Ordering::Relaxed),
             e2e_failures: c.e2e_failures.load(Ordering::Relaxed),
             messages_received: c.received.load(Ordering::Relaxed),
-            queued: (self.app_rx.len() + self.urgent_rx.len()) as u64,
+            queued: self.inbox.total() as u64,
             relayed_frames: self.shard_metrics.iter().map(|m| m.relay_frames.get()).sum(),
             relay_dropped: self.shard_metrics.iter().map(|m| m.relay_dropped.get()).sum(),
         }
@@ -1014,16 +1013,17 @@ impl Shared {
 
     /// Hands a received message to the application; `Err` gives it back when
     /// the queue is full (the caller holds it and retries later).
+    /// The caller wakes the application afterwards ([`inbox::AppInbox::wake`]).
     fn deliver(&self, message: Message, urgent: bool) -> Result<(), Message> {
-        let queue = if urgent { &self.urgent_tx } else { &self.app_tx };
-        match queue.try_send(message) {
+        match self.inbox.push(message, urgent) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(message)) | Err(TrySendError::Disconnected(message)) => {
+            Err(message) => {
                 let blocked = &self.app_blocked[usize::from(urgent)];
                 blocked.store(true, Ordering::SeqCst);
+                std::sync::atomic::fence(Ordering::SeqCst);
                 // The application may have read the queue down before the
                 // flag was up, and will not look at it again: retry here.
-                // (SeqCst against the reader's SeqCst take and flag load.)
+                // (A lost race is caught by the shard's retry timer.)
                 if self.has_room(urgent) && blocked.swap(false, Ordering::SeqCst) {
                     self.retry_delivery();
                 }
@@ -1035,16 +1035,12 @@ impl Shared {
     /// The application queue of this class is at most half full: enough
     /// room that waking whoever waits for it moves a batch, not one message.
     fn has_room(&self, urgent: bool) -> bool {
-        let queue = if urgent { &self.urgent_rx } else { &self.app_rx };
-        queue.len() <= queue.capacity().unwrap_or(usize::MAX) / 2
+        self.inbox.len(urgent) <= self.inbox.capacity() / 2
     }
 
     /// The next queued message (urgent ones first), and whether it is urgent.
     fn take_message(&self) -> Option<(Message, bool)> {
-        match self.urgent_rx.try_recv() {
-            Ok(message) => Some((message, true)),
-            Err(_) => self.app_rx.try_recv().ok().map(|message| (message, false)),
-        }
+        self.inbox.take()
     }
 
     fn retry_delivery(&self) {
@@ -1060,10 +1056,12 @@ impl Shared {
     fn on_app_read(&self, urgent: bool) {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         let class = usize::from(urgent);
+        // No fence here: the shard re-checks after raising a flag, and
+        // retries on a timer while it holds messages (`watch_held`).
         // Loads first: a swap is a write, and a write per received message
         // pulls the cache line away from the senders that read beside it.
-        let blocked = self.app_blocked[class].load(Ordering::SeqCst);
-        let waiting = self.mem_waiting[class].load(Ordering::SeqCst);
+        let blocked = self.app_blocked[class].load(Ordering::Acquire);
+        let waiting = self.mem_waiting[class].load(Ordering::Acquire);
         if !(blocked || waiting) || !self.has_room(urgent) {
             return;
         }
@@ -1093,16 +1091,16 @@ pub struct Node {
     admin: Mutex<Option<admin::AdminServer>>,
 }
 
-/// Polls of the receive queues before `recv_timeout` sleeps.
-const RECV_SPINS: u32 = 64;
+/// Looks at the receive queues before `recv_timeout` sleeps, with 1, 2, 4,
+/// ... 64 and then 64 pauses between them (a few µs in all).
+const RECV_SPINS: u32 = 7;
 
 impl Node {
     /// Validates `config`, starts the shards and binds every listen address.
     pub fn start(config: NodeConfig) -> Result<Node, NodeError> {
         config.validate()?;
         let runtime = Runtime::start(&config.runtime)?;
-        let (app_tx, app_rx) = crossbeam_channel::bounded(config.recv_queue);
-        let (urgent_tx, urgent_rx) = crossbeam_channel::bounded(config.recv_queue);
+        let inbox = Arc::new(inbox::AppInbox::new(config.recv_queue));
         let shards = runtime.shards().to_vec();
         let send_queues = shards.iter().map(|_| ArrayQueue::new(config.send_queue)).collect();
         let urgent_queues = shards.iter().map(|_| ArrayQueue::new(config.send_queue)).collect();
@@ -1121,10 +1119,7 @@ impl Node {
                 peers.reserve(64);
                 peers
             }),
-            app_tx,
-            app_rx,
-            urgent_tx,
-            urgent_rx,
+            inbox,
             app_blocked: [AtomicBool::new(false), AtomicBool::new(false)],
             send_queues,
             urgent_queues,
@@ -1620,8 +1615,11 @@ impl Node {
             // delivering thread a wake-up. Longer spins, or yields, cost
             // tcp ping-pong p50 30-50 µs on 2 cores: the spinner holds the
             // core its own shard needs next.
+            // Doubling pauses between looks: each look reads the line the
+            // writer is writing.
+            let backoff = crossbeam_utils::Backoff::new();
             for _ in 0..RECV_SPINS {
-                std::hint::spin_loop();
+                backoff.spin();
                 taken = shared.take_message();
                 if taken.is_some() {
                     break;
@@ -1629,11 +1627,7 @@ impl Node {
             }
         }
         if taken.is_none() {
-            taken = crossbeam_channel::select! {
-                recv(shared.urgent_rx) -> m => m.ok().map(|m| (m, true)),
-                recv(shared.app_rx) -> m => m.ok().map(|m| (m, false)),
-                default(timeout) => None,
-            };
+            taken = shared.inbox.wait(timeout);
         }
         let (message, urgent) = taken?;
         shared.on_app_read(urgent);

@@ -141,7 +141,7 @@ impl RecvStream {
 
     /// Stores the fragments of one packet starting at `offset`. Data ending
     /// beyond `limit` (the receive window) is dropped, to be resent later.
-    pub(crate) fn insert(&mut self, offset: u64, fragments: &[Fragment], fin: bool, limit: u64) -> Received {
+    pub(crate) fn insert(&mut self, offset: u64, fragments: Vec<Fragment>, fin: bool, limit: u64) -> Received {
         let mut received = Received::default();
         let mut position = offset;
         for fragment in fragments {
@@ -162,8 +162,9 @@ impl RecvStream {
                 continue;
             }
             self.max_received = self.max_received.max(end);
-            received.accepted += self.fill(start, &fragment.data);
-            if !fragment.has_more() {
+            let has_more = fragment.has_more();
+            received.accepted += self.fill(start, fragment.data);
+            if !has_more {
                 self.add_end(end);
             }
         }
@@ -196,14 +197,15 @@ impl RecvStream {
 
     /// Copies the parts of `[start, start + data.len())` that are not yet held
     /// (as slices of `data`). Returns the number of new bytes.
-    fn fill(&mut self, start: u64, data: &Bytes) -> usize {
+    fn fill(&mut self, start: u64, data: Bytes) -> usize {
         let end = start + data.len() as u64;
         // In-order fast path: nothing is held above the contiguous prefix and
         // this starts right at its end, so it overlaps nothing held.
         if start == self.contiguous && start >= self.deliver_offset && self.above.is_empty() && !self.finished {
-            self.ready.push_back((start, data.clone()));
+            let len = data.len();
+            self.ready.push_back((start, data));
             self.contiguous = end;
-            return data.len();
+            return len;
         }
         // Everything below `contiguous` is held already.
         let mut cursor = start.max(self.deliver_offset).max(self.contiguous);
@@ -339,14 +341,14 @@ mod tests {
     fn containment_and_overlap_from_two_connections() {
         let mut r = RecvStream::default();
         // Connection A cuts "hello world" as [0,4) [4,11).
-        r.insert(4, &[frag(b"o world", false)], false, u64::MAX);
+        r.insert(4, vec![frag(b"o world", false)], false, u64::MAX);
         assert!(drain(&mut r).is_empty());
         assert_eq!(r.ack_offset(), 0);
         assert_eq!(r.max_received(), 11);
         // Connection B sends [2,8) inside a HAS_MORE fragment: partial overlap.
-        r.insert(2, &[frag(b"llo wo", true)], false, u64::MAX);
+        r.insert(2, vec![frag(b"llo wo", true)], false, u64::MAX);
         // Connection B sends the whole message: contains everything.
-        r.insert(0, &[frag(b"hello world", false)], false, u64::MAX);
+        r.insert(0, vec![frag(b"hello world", false)], false, u64::MAX);
         assert_eq!(drain(&mut r), vec![Bytes::from_static(b"hello world")]);
         assert_eq!(r.ack_offset(), 11);
         assert_eq!(r.buffered(), 0);
@@ -360,21 +362,21 @@ mod tests {
             data: data.clone(),
             ..Default::default()
         };
-        assert_eq!(r.insert(0, std::slice::from_ref(&f), false, u64::MAX).accepted, 3);
-        assert_eq!(r.insert(0, std::slice::from_ref(&f), false, u64::MAX).accepted, 0);
+        assert_eq!(r.insert(0, vec![f.clone()], false, u64::MAX).accepted, 3);
+        assert_eq!(r.insert(0, vec![f.clone()], false, u64::MAX).accepted, 0);
         let msg = r.next_message().unwrap();
         assert_eq!(msg.as_ptr(), data.as_ptr());
         assert!(r.next_message().is_none());
-        assert_eq!(r.insert(0, &[f], false, u64::MAX).accepted, 0, "below delivered");
+        assert_eq!(r.insert(0, vec![f], false, u64::MAX).accepted, 0, "below delivered");
     }
 
     #[test]
     fn window_drops_and_fin_completes() {
         let mut r = RecvStream::default();
-        let got = r.insert(0, &[frag(b"0123456789", false)], false, 5);
+        let got = r.insert(0, vec![frag(b"0123456789", false)], false, 5);
         assert_eq!(got.dropped, 10);
         assert_eq!(r.ack_offset(), 0);
-        r.insert(0, &[frag(b"0123456789", false)], true, 100);
+        r.insert(0, vec![frag(b"0123456789", false)], true, 100);
         assert_eq!(r.ack_offset(), 11, "FIN takes one offset");
         assert!(r.is_finished());
         assert_eq!(drain(&mut r), vec![Bytes::from_static(b"0123456789")]);
@@ -383,19 +385,19 @@ mod tests {
     #[test]
     fn a_filled_gap_joins_the_in_order_data() {
         let mut r = RecvStream::default();
-        r.insert(0, &[frag(b"ab", false)], false, u64::MAX);
+        r.insert(0, vec![frag(b"ab", false)], false, u64::MAX);
         // A gap [2, 4), then two messages above it.
-        r.insert(4, &[frag(b"ef", false), frag(b"gh", true)], false, u64::MAX);
+        r.insert(4, vec![frag(b"ef", false), frag(b"gh", true)], false, u64::MAX);
         assert_eq!(drain(&mut r), vec![Bytes::from_static(b"ab")]);
         assert_eq!(r.ack_offset(), 2);
-        r.insert(2, &[frag(b"cd", false)], false, u64::MAX);
+        r.insert(2, vec![frag(b"cd", false)], false, u64::MAX);
         assert_eq!(r.ack_offset(), 8);
         assert_eq!(
             drain(&mut r),
             vec![Bytes::from_static(b"cd"), Bytes::from_static(b"ef")]
         );
         // In order again; a reset inside held data cuts it.
-        r.insert(8, &[frag(b"ij", false), frag(b"klmn", false)], false, u64::MAX);
+        r.insert(8, vec![frag(b"ij", false), frag(b"klmn", false)], false, u64::MAX);
         r.reset_to(11); // "ghij" (gh went on) and "k" are skipped
         assert_eq!(drain(&mut r), vec![Bytes::from_static(b"lmn")]);
         assert_eq!(r.buffered(), 0);
@@ -404,8 +406,8 @@ mod tests {
     #[test]
     fn reset_skips_partial_data() {
         let mut r = RecvStream::default();
-        r.insert(0, &[frag(b"abc", true)], false, u64::MAX);
-        r.insert(10, &[frag(b"xyz", false)], false, u64::MAX);
+        r.insert(0, vec![frag(b"abc", true)], false, u64::MAX);
+        r.insert(10, vec![frag(b"xyz", false)], false, u64::MAX);
         r.reset_to(10);
         assert_eq!(r.ack_offset(), 13);
         assert_eq!(drain(&mut r), vec![Bytes::from_static(b"xyz")]);

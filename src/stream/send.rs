@@ -29,8 +29,12 @@ pub(crate) struct SendStream {
     write_offset: u64,
     /// Everything before this offset is acknowledged.
     acked: u64,
-    /// Offsets that must be (re)transmitted.
+    /// Offsets below `fresh` that must be retransmitted.
     unsent: RangeSet<u64>,
+    /// Everything from here to `end()` was never sent: new messages extend
+    /// it without touching `unsent` (a range-set insert per message was the
+    /// costliest part of `push`).
+    fresh: u64,
     /// Ranges above `acked` the peer reported holding (selective acks): never
     /// resent, since receivers do not renege.
     sacked: RangeSet<u64>,
@@ -55,6 +59,7 @@ impl SendStream {
             write_offset: 0,
             acked: 0,
             unsent: RangeSet::new(),
+            fresh: 0,
             sacked: RangeSet::new(),
             fin: None,
             window,
@@ -81,6 +86,7 @@ impl SendStream {
         self.unsent = RangeSet::new();
         self.sacked = RangeSet::new();
         self.acked = self.end();
+        self.fresh = self.end();
         self.blocked = false;
         self.reset_pending = true;
         (count, bytes)
@@ -112,7 +118,6 @@ impl SendStream {
         }
         let start = self.write_offset;
         self.write_offset += data.len() as u64;
-        self.unsent.insert(start..self.write_offset);
         self.messages.push_back((start, data));
         Ok(())
     }
@@ -121,8 +126,8 @@ impl SendStream {
         if self.fin.is_some() {
             return Err(SendError::Finished { stream_id: self.id });
         }
+        // Its offset is past `fresh`, hence unsent.
         self.fin = Some(self.write_offset);
-        self.unsent.insert(self.write_offset..self.write_offset + 1);
         Ok(())
     }
 
@@ -132,7 +137,7 @@ impl SendStream {
     }
 
     pub(crate) fn has_unsent(&self) -> bool {
-        !self.unsent.is_empty()
+        !self.unsent.is_empty() || self.fresh < self.end()
     }
 
     pub(crate) fn acked(&self) -> u64 {
@@ -151,7 +156,7 @@ impl SendStream {
     /// Puts a lost range back for retransmission, minus what the peer holds.
     pub(crate) fn requeue(&mut self, range: Range<u64>) {
         let start = range.start.max(self.acked);
-        let end = range.end.min(self.end());
+        let end = range.end.min(self.fresh);
         if start >= end {
             return;
         }
@@ -171,6 +176,8 @@ impl SendStream {
         if start < range.end {
             self.sacked.insert(start..range.end);
             self.unsent.remove(start..range.end);
+            // Never sent, yet held: a confused peer; sending it costs
+            // nothing but bytes, so `fresh` stays.
         }
         Ok(())
     }
@@ -190,8 +197,8 @@ impl SendStream {
         self.reset_pending = true;
         self.sacked = RangeSet::new();
         let start = self.messages.front().map_or(self.write_offset, |(offset, _)| *offset);
-        if start < self.end() {
-            self.unsent.insert(start..self.end());
+        if start < self.fresh {
+            self.unsent.insert(start..self.fresh);
         }
     }
 
@@ -207,6 +214,7 @@ impl SendStream {
         }
         self.acked = acknowledged;
         self.unsent.remove(0..acknowledged);
+        self.fresh = self.fresh.max(acknowledged);
         self.sacked.remove(0..acknowledged);
         while let Some((offset, data)) = self.messages.front() {
             if offset + data.len() as u64 > acknowledged {
@@ -225,9 +233,15 @@ impl SendStream {
     /// fragment payload plus per-fragment overhead. Fragments are slices of the
     /// user's `Bytes`: no payload is copied.
     pub(crate) fn next_chunk(&mut self, budget: usize) -> Option<Chunk> {
-        let first = self.unsent.iter().next()?.clone();
+        let first = match self.unsent.iter().next() {
+            // A resend that reaches the never-sent part goes on into it.
+            Some(range) if range.end >= self.fresh => range.start..self.end(),
+            Some(range) => range.clone(),
+            None if self.fresh < self.end() => self.fresh..self.end(),
+            None => return None,
+        };
         if Some(first.start) == self.fin {
-            self.unsent.remove(first.start..first.start + 1);
+            self.consume(first.start..first.start + 1);
             return Some(Chunk {
                 offset: first.start,
                 flags: AtbusPacketFlagType::FinishStream as i32,
@@ -276,17 +290,27 @@ impl SendStream {
         }
         // The FIN rides on the packet that carries the last byte when it fits.
         let mut range_end = position;
-        if Some(position) == self.fin && self.unsent.contains(&position) {
+        if Some(position) == self.fin && (position >= self.fresh || self.unsent.contains(&position)) {
             flags |= AtbusPacketFlagType::FinishStream as i32;
             range_end = position + 1;
         }
-        self.unsent.remove(first.start..range_end);
+        self.consume(first.start..range_end);
         Some(Chunk {
             offset: first.start,
             flags,
             fragments,
             range: first.start..range_end,
         })
+    }
+}
+
+impl SendStream {
+    /// `range` goes out now: no longer unsent.
+    fn consume(&mut self, range: Range<u64>) {
+        if range.start < self.fresh {
+            self.unsent.remove(range.start..range.end.min(self.fresh));
+        }
+        self.fresh = self.fresh.max(range.end);
     }
 }
 

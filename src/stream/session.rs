@@ -409,12 +409,8 @@ impl Session {
         let queued = self.queued.get(&stream_id).copied().unwrap_or(0);
         let window = self.config.recv_window.saturating_sub(queued) as u64;
         let limit = recv_limit(recv, window);
-        recv.insert(
-            offset,
-            &packet.fragments,
-            packet.has_flag(AtbusPacketFlagType::FinishStream),
-            limit,
-        );
+        let fin = packet.has_flag(AtbusPacketFlagType::FinishStream);
+        recv.insert(offset, packet.fragments, fin, limit);
         match path.pending_acks.iter_mut().find(|(id, _)| *id == stream_id) {
             Some(entry) => entry.1 = packet.timepoint,
             None => path.pending_acks.push((stream_id, packet.timepoint)),
