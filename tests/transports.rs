@@ -403,3 +403,69 @@ fn a_tiny_application_queue_with_a_stalling_reader_loses_nothing() {
         reader.stop(Duration::from_millis(100));
     }
 }
+
+/// A node with a message handler answers on its shard: every message of a
+/// peer reaches the handler once and in order, over a connection and from a
+/// same-process peer, and the handler's replies (sent through its `Handle`,
+/// never waiting) reach the sender's receive queue. A second handler is
+/// refused.
+#[test]
+fn a_handler_answers_on_the_shard() {
+    let tag = std::process::id();
+    for transport in ["tcp", "mem"] {
+        let (server_listen, client_listen) = match transport {
+            "mem" => (format!("mem://handler-s-{tag}"), format!("mem://handler-c-{tag}")),
+            _ => ("tcp://127.0.0.1:0".to_string(), "tcp://127.0.0.1:0".to_string()),
+        };
+        let server = node(&format!("handler-server-{transport}"), &server_listen, 0);
+        let client = Arc::new(node(&format!("handler-client-{transport}"), &client_listen, 1));
+        let client_name = client.name().to_string();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        {
+            let seen = seen.clone();
+            let client_name = client_name.clone();
+            server
+                .set_handler(move |handle, message| {
+                    assert_eq!(&*message.from, client_name.as_str());
+                    let seq = u64::from_le_bytes(message.data[..8].try_into().expect("8 bytes"));
+                    seen.lock().expect("lock").push(seq);
+                    handle
+                        .send(&message.from, message.stream_id, message.data)
+                        .expect("echo from the handler");
+                })
+                .expect("first handler");
+        }
+        assert_eq!(server.set_handler(|_, _| {}), Err(libatbus::node::HandlerAlreadySet));
+        client
+            .add_route(server.name(), server.listen_addresses()[0].clone())
+            .expect("route");
+        if transport == "mem" {
+            server
+                .add_route(&client_name, client.listen_addresses()[0].clone())
+                .expect("route back");
+        }
+        const COUNT: u64 = 10_000;
+        let reader = {
+            let client = client.clone();
+            thread::spawn(move || {
+                for seq in 0..COUNT {
+                    let message = client
+                        .recv_timeout(Duration::from_secs(10))
+                        .unwrap_or_else(|| panic!("{transport}: echo {seq} never came"));
+                    check(seq, &message.data);
+                }
+            })
+        };
+        for seq in 0..COUNT {
+            client
+                .send_blocking(server.name(), 1, payload(seq, 64), Duration::from_secs(10))
+                .expect("send");
+        }
+        reader.join().expect("every echo, in order");
+        assert_eq!(*seen.lock().expect("lock"), (0..COUNT).collect::<Vec<_>>());
+        assert_eq!(server.stats().messages_received, COUNT);
+        assert!(server.try_recv().is_none(), "nothing went to the receive queue");
+        client.stop(Duration::from_millis(100));
+        server.stop(Duration::from_millis(100));
+    }
+}

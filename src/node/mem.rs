@@ -73,6 +73,7 @@ pub(super) fn lookup(name: &str) -> Option<Arc<Shared>> {
 pub(super) struct MemTarget {
     shared: Weak<Shared>,
     inbox: Arc<super::inbox::AppInbox>,
+    handler: Arc<std::sync::OnceLock<super::Handler>>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
     max_message_len: usize,
 }
@@ -89,6 +90,7 @@ impl MemTarget {
         Self {
             shared: Arc::downgrade(target),
             inbox: target.inbox.clone(),
+            handler: target.handler.clone(),
             stopping: target.stopping.clone(),
             max_message_len: target.config.stream.max_message_len,
         }
@@ -113,6 +115,16 @@ pub(super) fn send(
         stream_id,
         data,
     };
+    if target.handler.get().is_some() {
+        // The handler runs on one of the target's shards: the one this
+        // sender's name hashes to, so one sender's messages stay in order.
+        let Some(shared) = target.shared.upgrade() else {
+            return Err(stopped());
+        };
+        let home = shared.home_shard(&from.name);
+        shared.shards[home].submit(move || super::shard::handle_mem(message));
+        return Ok(());
+    }
     match target.inbox.push(message, urgent) {
         Ok(()) => {
             target.inbox.wake();

@@ -326,6 +326,47 @@ impl NodeConfig {
     }
 }
 
+/// Runs on a shard thread for every received message once set (see
+/// [`Node::set_handler`]).
+pub type Handler = Arc<dyn Fn(&Handle, Message) + Send + Sync>;
+
+/// A handle to a running node for code that runs on its shards (a
+/// [`Handler`]): it sends, it does not receive. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle").field("node", &self.shared.name).finish()
+    }
+}
+
+impl Handle {
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Like [`Node::send`]. From a shard thread, a message to a peer homed
+    /// on that shard goes straight into its stream, and a full stream is
+    /// `WouldBlock` at once: a handler must not wait.
+    pub fn send(&self, peer: &str, stream_id: StreamId, data: Bytes) -> Result<(), SendError> {
+        self.shared.send_to(peer, stream_id, data, false, true)
+    }
+
+    /// Like [`Node::send_urgent`].
+    pub fn send_urgent(&self, peer: &str, stream_id: StreamId, data: Bytes) -> Result<(), SendError> {
+        self.shared.send_to(peer, stream_id, data, true, true)
+    }
+}
+
+/// [`Node::set_handler`] was called before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this node has a message handler already")]
+pub struct HandlerAlreadySet;
+
 /// A message received from a peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
@@ -632,6 +673,9 @@ struct Shared {
     /// Received messages for the application (those of streams the peer
     /// flagged urgent are read first).
     inbox: Arc<inbox::AppInbox>,
+    /// Set once: received messages go to it, on the receiving shard, instead
+    /// of `inbox` (shared with same-process senders' routes).
+    handler: Arc<std::sync::OnceLock<Handler>>,
     /// Per class (ordinary, urgent): a shard holds messages because that
     /// application queue was full.
     app_blocked: [AtomicBool; 2],
@@ -684,6 +728,141 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// Sends to a node, or (with `groups`) to a group's members. A name with
+    /// no route yet is looked up in discovery once.
+    fn send_to(
+        self: &Arc<Self>,
+        peer: &str,
+        stream_id: StreamId,
+        data: Bytes,
+        urgent: bool,
+        groups: bool,
+    ) -> Result<(), SendError> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(SendError::Stopped);
+        }
+        if stream_id < 0 {
+            return Err(SendError::ReservedStream {
+                peer: peer.to_string(),
+                stream_id,
+            });
+        }
+        match self.send_routed(peer, stream_id, data, urgent, groups) {
+            Err(Unrouted(data)) => {
+                // First send to this name.
+                self.resolve(peer)?;
+                self.send_routed(peer, stream_id, data, urgent, groups)
+                    .unwrap_or_else(|_| Err(SendError::UnknownPeer(peer.to_string())))
+            }
+            Ok(result) => result,
+        }
+    }
+
+    /// Sends along the route `peer` has, with one map lookup; `Unrouted`
+    /// gives the message back when there is none.
+    fn send_routed(
+        self: &Arc<Self>,
+        peer: &str,
+        stream_id: StreamId,
+        data: Bytes,
+        urgent: bool,
+        groups: bool,
+    ) -> Result<Result<(), SendError>, Unrouted> {
+        let Ok(peers) = self.peers.read() else {
+            return Ok(Err(SendError::Stopped));
+        };
+        let Some((to, route)) = peers.get_key_value(peer) else {
+            return Err(Unrouted(data));
+        };
+        Ok(match route {
+            // Under the read lock: it never waits, and a clone of the route
+            // would be two more atomic writes per message.
+            Route::Mem(target) => mem::send(self, target, peer, stream_id, data, urgent),
+            Route::Group(_) if !groups => Err(SendError::NoRoute(format!("{peer:?} is a group: groups do not nest"))),
+            Route::Group(members) => {
+                let members = members.clone();
+                drop(peers);
+                self.multicast(peer, &members, stream_id, &data, urgent)
+            }
+            Route::Shard { home, queued, .. } => {
+                let home = *home;
+                // Checked here: once queued for the shard, a refusal could
+                // no longer reach the caller.
+                if let Err(e) = check_message(peer, stream_id, &data, self.config.stream.max_message_len) {
+                    return Ok(Err(e));
+                }
+                if let Some(result) = shard::send_local(self, home, to, stream_id, &data, urgent) {
+                    return Ok(result);
+                }
+                // Bounded per peer in bytes; one message always fits an empty
+                // buffer, whatever its size.
+                let len = data.len();
+                let queued = &queued[usize::from(urgent)];
+                let before = queued.fetch_add(len, Ordering::AcqRel);
+                if before > 0 && before + len > self.config.send_buffer {
+                    queued.fetch_sub(len, Ordering::AcqRel);
+                    return Ok(Err(SendError::WouldBlock {
+                        peer: peer.to_string(),
+                        queue: "send_buffer",
+                    }));
+                }
+                let outgoing = Outgoing {
+                    to: to.clone(),
+                    stream_id,
+                    data,
+                    urgent,
+                };
+                let inbox = if urgent {
+                    &self.urgent_queues[home]
+                } else {
+                    &self.send_queues[home]
+                };
+                if let Err(outgoing) = inbox.push(outgoing) {
+                    queued.fetch_sub(len, Ordering::AcqRel);
+                    drop(outgoing);
+                    return Ok(Err(SendError::WouldBlock {
+                        peer: peer.to_string(),
+                        queue: "send_queue",
+                    }));
+                }
+                drop(peers);
+                if !self.drain_scheduled[home].swap(true, Ordering::AcqRel) {
+                    self.shards[home].submit(shard::drain_send_queue);
+                }
+                Ok(())
+            }
+        })
+    }
+
+    /// One message to every member of a group, each once.
+    fn multicast(
+        self: &Arc<Self>,
+        group: &str,
+        members: &[Arc<str>],
+        stream_id: StreamId,
+        data: &Bytes,
+        urgent: bool,
+    ) -> Result<(), SendError> {
+        let mut delivered = Vec::with_capacity(members.len());
+        let mut failed = Vec::new();
+        for member in members {
+            let result = self.send_to(member, stream_id, data.clone(), urgent, false);
+            match result {
+                Ok(()) => delivered.push(member.to_string()),
+                Err(e) => failed.push((member.to_string(), e)),
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(SendError::Multicast {
+                group: group.to_string(),
+                delivered,
+                failed,
+            })
+        }
+    }
+
     fn stats(&self) -> NodeStats {
         let c = &self.counters;
         NodeStats {
@@ -1120,6 +1299,7 @@ impl Node {
                 peers
             }),
             inbox,
+            handler: Arc::new(std::sync::OnceLock::new()),
             app_blocked: [AtomicBool::new(false), AtomicBool::new(false)],
             send_queues,
             urgent_queues,
@@ -1395,143 +1575,36 @@ impl Node {
         self.send_with(peer, stream_id, data, true)
     }
 
+    /// From now on, every received message goes to `handler` instead of the
+    /// receive queue: called on the shard thread that received it (messages
+    /// of one peer and stream in order, on one shard; from same-process
+    /// peers, on the shard their sender's name hashes to). Messages queued
+    /// before stay for [`Node::recv_timeout`]. The handler must not block:
+    /// it runs the shard's connections' turn. Replies go through the
+    /// [`Handle`] it gets, which never waits: a full stream is `WouldBlock`.
+    ///
+    /// This is the thread-per-core way to use the bus: no hand-off between
+    /// the shard and an application thread on either side, which is most of
+    /// a round trip on a loaded machine (perf/RESULTS.md).
+    pub fn set_handler(
+        &self,
+        handler: impl Fn(&Handle, Message) + Send + Sync + 'static,
+    ) -> Result<(), HandlerAlreadySet> {
+        self.shared
+            .handler
+            .set(Arc::new(handler))
+            .map_err(|_| HandlerAlreadySet)
+    }
+
+    /// A handle for code that runs on this node's shards.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
     fn send_with(&self, peer: &str, stream_id: StreamId, data: Bytes, urgent: bool) -> Result<(), SendError> {
-        self.send_to(peer, stream_id, data, urgent, true)
-    }
-
-    /// Sends to a node, or (with `groups`) to a group's members. A name with
-    /// no route yet is looked up in discovery once.
-    fn send_to(
-        &self,
-        peer: &str,
-        stream_id: StreamId,
-        data: Bytes,
-        urgent: bool,
-        groups: bool,
-    ) -> Result<(), SendError> {
-        if self.shared.stopping.load(Ordering::Acquire) {
-            return Err(SendError::Stopped);
-        }
-        if stream_id < 0 {
-            return Err(SendError::ReservedStream {
-                peer: peer.to_string(),
-                stream_id,
-            });
-        }
-        match self.send_routed(peer, stream_id, data, urgent, groups) {
-            Err(Unrouted(data)) => {
-                // First send to this name.
-                self.shared.resolve(peer)?;
-                self.send_routed(peer, stream_id, data, urgent, groups)
-                    .unwrap_or_else(|_| Err(SendError::UnknownPeer(peer.to_string())))
-            }
-            Ok(result) => result,
-        }
-    }
-
-    /// Sends along the route `peer` has, with one map lookup; `Unrouted`
-    /// gives the message back when there is none.
-    fn send_routed(
-        &self,
-        peer: &str,
-        stream_id: StreamId,
-        data: Bytes,
-        urgent: bool,
-        groups: bool,
-    ) -> Result<Result<(), SendError>, Unrouted> {
-        let Ok(peers) = self.shared.peers.read() else {
-            return Ok(Err(SendError::Stopped));
-        };
-        let Some((to, route)) = peers.get_key_value(peer) else {
-            return Err(Unrouted(data));
-        };
-        Ok(match route {
-            // Under the read lock: it never waits, and a clone of the route
-            // would be two more atomic writes per message.
-            Route::Mem(target) => mem::send(&self.shared, target, peer, stream_id, data, urgent),
-            Route::Group(_) if !groups => Err(SendError::NoRoute(format!("{peer:?} is a group: groups do not nest"))),
-            Route::Group(members) => {
-                let members = members.clone();
-                drop(peers);
-                self.multicast(peer, &members, stream_id, &data, urgent)
-            }
-            Route::Shard { home, queued, .. } => {
-                let home = *home;
-                // Checked here: once queued for the shard, a refusal could
-                // no longer reach the caller.
-                if let Err(e) = check_message(peer, stream_id, &data, self.shared.config.stream.max_message_len) {
-                    return Ok(Err(e));
-                }
-                if let Some(result) = shard::send_local(&self.shared, home, to, stream_id, &data, urgent) {
-                    return Ok(result);
-                }
-                // Bounded per peer in bytes; one message always fits an empty
-                // buffer, whatever its size.
-                let len = data.len();
-                let queued = &queued[usize::from(urgent)];
-                let before = queued.fetch_add(len, Ordering::AcqRel);
-                if before > 0 && before + len > self.shared.config.send_buffer {
-                    queued.fetch_sub(len, Ordering::AcqRel);
-                    return Ok(Err(SendError::WouldBlock {
-                        peer: peer.to_string(),
-                        queue: "send_buffer",
-                    }));
-                }
-                let outgoing = Outgoing {
-                    to: to.clone(),
-                    stream_id,
-                    data,
-                    urgent,
-                };
-                let inbox = if urgent {
-                    &self.shared.urgent_queues[home]
-                } else {
-                    &self.shared.send_queues[home]
-                };
-                if let Err(outgoing) = inbox.push(outgoing) {
-                    queued.fetch_sub(len, Ordering::AcqRel);
-                    drop(outgoing);
-                    return Ok(Err(SendError::WouldBlock {
-                        peer: peer.to_string(),
-                        queue: "send_queue",
-                    }));
-                }
-                drop(peers);
-                if !self.shared.drain_scheduled[home].swap(true, Ordering::AcqRel) {
-                    self.shared.shards[home].submit(shard::drain_send_queue);
-                }
-                Ok(())
-            }
-        })
-    }
-
-    /// One message to every member of a group, each once.
-    fn multicast(
-        &self,
-        group: &str,
-        members: &[Arc<str>],
-        stream_id: StreamId,
-        data: &Bytes,
-        urgent: bool,
-    ) -> Result<(), SendError> {
-        let mut delivered = Vec::with_capacity(members.len());
-        let mut failed = Vec::new();
-        for member in members {
-            let result = self.send_to(member, stream_id, data.clone(), urgent, false);
-            match result {
-                Ok(()) => delivered.push(member.to_string()),
-                Err(e) => failed.push((member.to_string(), e)),
-            }
-        }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(SendError::Multicast {
-                group: group.to_string(),
-                delivered,
-                failed,
-            })
-        }
+        self.shared.send_to(peer, stream_id, data, urgent, true)
     }
 
     /// Waits until some queue or window frees space, or `timeout` passes.

@@ -43,6 +43,13 @@ pub(super) struct ShardState {
     app_wake: Cell<bool>,
     /// A task retries held messages (see `watch_held`).
     held_watch: Cell<bool>,
+    /// For the node's message handler, if it has one.
+    handle: super::Handle,
+    /// Messages for the handler, run once the session that made them is
+    /// no longer borrowed (the handler may send on it).
+    handled: RefCell<VecDeque<Message>>,
+    /// The handler is running (its sends must not run it again).
+    in_handler: Cell<bool>,
     /// Wakes connection tasks at shutdown.
     pub shutdown: super::conn::Notify,
     /// Per peer: bumped when its dial loops must end (a new address list, or
@@ -93,6 +100,11 @@ impl ShardState {
 
     fn deliver(&self, message: Message, urgent: bool) {
         self.shared.shard_metrics[self.index].received(message.data.len());
+        if self.shared.handler.get().is_some() {
+            self.shared.counters.received.fetch_add(1, Ordering::Relaxed);
+            self.handled.borrow_mut().push_back(message);
+            return;
+        }
         let mut undelivered = self.undelivered[usize::from(urgent)].borrow_mut();
         if !undelivered.is_empty() {
             undelivered.push_back(message);
@@ -126,6 +138,23 @@ impl ShardState {
                 retry_delivery();
             }
         });
+    }
+
+    /// Runs the node's handler on the messages waiting for it, unless it is
+    /// running already further up this stack (that call takes them).
+    pub fn run_handler(&self) {
+        let Some(handler) = self.shared.handler.get() else {
+            return;
+        };
+        if self.in_handler.replace(true) {
+            return;
+        }
+        loop {
+            let next = self.handled.borrow_mut().pop_front();
+            let Some(message) = next else { break };
+            handler(&self.handle, message);
+        }
+        self.in_handler.set(false);
     }
 
     /// Wakes the application if messages went to it since the last call:
@@ -666,6 +695,7 @@ impl Endpoint {
             shard.shared.notify_writable();
         }
         self.timer.notify();
+        shard.run_handler();
     }
 
     /// Queues a message; `WouldBlock` when the stream window is full.
@@ -766,6 +796,9 @@ pub(super) fn install(
     tcp_ports: Option<Vec<Address>>,
 ) -> Result<Vec<Address>, NodeError> {
     let state = Rc::new(ShardState {
+        handle: super::Handle { shared: shared.clone() },
+        handled: RefCell::new(VecDeque::new()),
+        in_handler: Cell::new(false),
         encoder: Encoder::new(shared.config.frame.clone()),
         shared,
         index,
@@ -1145,6 +1178,15 @@ pub(super) fn retry_delivery() {
     for endpoint in endpoints {
         endpoint.drive(&state);
     }
+}
+
+/// A message from a same-process peer, for this node's handler.
+pub(super) fn handle_mem(message: Message) {
+    let Some(state) = local() else {
+        return;
+    };
+    state.deliver(message, false);
+    state.run_handler();
 }
 
 /// Every connection of this shard, with its counters (the stats sampler).

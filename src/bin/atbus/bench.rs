@@ -73,6 +73,15 @@ pub struct BenchArgs {
     /// the same run as the plain ones (`"e2e": true` rows).
     #[arg(long)]
     e2e: bool,
+    /// Also run the ping-pong and the class cases with both applications as
+    /// message handlers on the nodes' shards (`Node::set_handler`; rows with
+    /// `"api": "handler"`) instead of threads reading the receive queue.
+    #[arg(long)]
+    handler: bool,
+    /// The shards spin this many µs before parking when idle
+    /// (`RuntimeConfig::spin_before_park`; 0: they park at once).
+    #[arg(long, default_value_t = 0)]
+    spin_us: u64,
     /// Relay hops between the two nodes (0, 1 or 2; tcp only): measures the
     /// path through `atbus-relay` nodes against direct.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
@@ -103,6 +112,11 @@ struct Throughput<'a> {
 struct Rtt<'a> {
     kind: &'static str,
     transport: &'a str,
+    /// `queue`: application threads read the receive queue; `handler`: the
+    /// applications are message handlers on the shards.
+    api: &'static str,
+    /// `--spin-us`: the shards spun this long before parking.
+    spin_us: u64,
     e2e: bool,
     payload: usize,
     round_trips: usize,
@@ -117,6 +131,9 @@ struct Rtt<'a> {
 struct Class<'a> {
     kind: &'static str,
     transport: &'a str,
+    /// As in [`Rtt`] (`raw` rows: `queue`).
+    api: &'static str,
+    spin_us: u64,
     /// `idle` (no bulk), `throughput` (send), `latency` (send_urgent), and
     /// `raw`: bare sockets, a ping-pong on one while bulk floods another.
     class: &'static str,
@@ -160,7 +177,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
         let pair = if args.via_relay > 0 {
             Pair::through_relays(args.via_relay, args.path_window)?
         } else {
-            Pair::start(transport_name, args.path_window, args.e2e)?
+            Pair::start(transport_name, &args, args.e2e)?
         };
         let transport = &label;
         let variants: &[bool] = if args.e2e && transport != "mem" {
@@ -215,6 +232,8 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
             print_json(&Rtt {
                 kind: "rtt",
                 transport,
+                api: "queue",
+                spin_us: args.spin_us,
                 e2e,
                 payload: PING,
                 round_trips: args.round_trips,
@@ -233,6 +252,8 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
                 print_json(&Class {
                     kind: "class",
                     transport,
+                    api: "queue",
+                    spin_us: args.spin_us,
                     class,
                     bulk_mb_per_sec: bulk,
                     round_trips: trips,
@@ -248,6 +269,8 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
             print_json(&Class {
                 kind: "class",
                 transport,
+                api: "queue",
+                spin_us: args.spin_us,
                 class: "raw",
                 bulk_mb_per_sec: bulk,
                 round_trips: trips,
@@ -257,8 +280,200 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
             });
         }
         pair.stop();
+        if args.handler && args.via_relay == 0 {
+            handler_cases(transport_name, &args, &base)?;
+        }
     }
     Ok(())
+}
+
+/// The ping-pong (and with `--class` the class cases) with both
+/// applications as message handlers on the shards, on a pair of its own.
+fn handler_cases(transport: &str, args: &BenchArgs, base: &Histogram<u64>) -> Result<(), String> {
+    let pair = Pair::start(transport, args, false)?;
+    let handlers = Handlers::install(&pair)?;
+    eprintln!(
+        "# {transport} ping-pong, handlers: {} round trips ...",
+        args.round_trips
+    );
+    let ours = handlers.ping(&pair, args.round_trips, 2, false)?;
+    print_json(&Rtt {
+        kind: "rtt",
+        transport,
+        api: "handler",
+        spin_us: args.spin_us,
+        e2e: false,
+        payload: PING,
+        round_trips: args.round_trips,
+        rtt_p50_us: us(ours.value_at_quantile(0.5)),
+        rtt_p99_us: us(ours.value_at_quantile(0.99)),
+        rtt_max_us: us(ours.max()),
+        baseline_rtt_p50_us: us(base.value_at_quantile(0.5)),
+        baseline_rtt_p99_us: us(base.value_at_quantile(0.99)),
+    });
+    if args.class && transport != "mem" {
+        let trips = (args.round_trips / 4).max(500);
+        for class in ["idle", "throughput", "latency"] {
+            eprintln!("# {transport} ping-pong under bulk, handlers, {class} class ...");
+            let (hist, bulk) = handlers.under_bulk(&pair, trips, class, args.bulk_rate)?;
+            print_json(&Class {
+                kind: "class",
+                transport,
+                api: "handler",
+                spin_us: args.spin_us,
+                class,
+                bulk_mb_per_sec: bulk,
+                round_trips: trips,
+                rtt_p50_us: us(hist.value_at_quantile(0.5)),
+                rtt_p99_us: us(hist.value_at_quantile(0.99)),
+                rtt_max_us: us(hist.max()),
+            });
+        }
+    }
+    pair.stop();
+    Ok(())
+}
+
+/// One ping-pong run driven by a's handler: each pong sends the next ping.
+struct Driver {
+    hist: Histogram<u64>,
+    started: Instant,
+    /// Round trips still to make, warm-up ones first.
+    left: usize,
+    warmup_left: usize,
+    stream: i64,
+    urgent: bool,
+    done: crossbeam_channel::Sender<Result<Histogram<u64>, String>>,
+}
+
+/// The handlers of a pair: b echoes pings (streams 2 and 3) and counts bulk
+/// bytes; a drives the ping-pong.
+struct Handlers {
+    driver: Arc<std::sync::Mutex<Option<Driver>>>,
+    bulk_bytes: Arc<AtomicU64>,
+}
+
+impl Handlers {
+    fn install(pair: &Pair) -> Result<Handlers, String> {
+        let driver: Arc<std::sync::Mutex<Option<Driver>>> = Arc::default();
+        let bulk_bytes = Arc::new(AtomicU64::new(0));
+        {
+            let bulk_bytes = bulk_bytes.clone();
+            pair.b
+                .set_handler(move |handle, m| {
+                    let echoed = match m.stream_id {
+                        2 => handle.send(&m.from, 2, m.data),
+                        3 => handle.send_urgent(&m.from, 3, m.data),
+                        _ => {
+                            bulk_bytes.fetch_add(m.data.len() as u64, Ordering::Relaxed);
+                            Ok(())
+                        }
+                    };
+                    if let Err(e) = echoed {
+                        eprintln!("# echo handler: {e}");
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        {
+            let driver = driver.clone();
+            pair.a
+                .set_handler(move |handle, m| {
+                    if m.stream_id != 2 && m.stream_id != 3 {
+                        return;
+                    }
+                    let Ok(mut slot) = driver.lock() else { return };
+                    let Some(d) = slot.as_mut() else { return };
+                    if d.warmup_left > 0 {
+                        d.warmup_left -= 1;
+                    } else {
+                        let _ = d.hist.record(d.started.elapsed().as_nanos() as u64);
+                    }
+                    d.left -= 1;
+                    if d.left == 0 {
+                        if let Some(d) = slot.take() {
+                            let _ = d.done.send(Ok(d.hist));
+                        }
+                        return;
+                    }
+                    d.started = Instant::now();
+                    let sent = if d.urgent {
+                        handle.send_urgent(PEER_B, d.stream, m.data)
+                    } else {
+                        handle.send(PEER_B, d.stream, m.data)
+                    };
+                    if let Err(e) = sent
+                        && let Some(d) = slot.take()
+                    {
+                        let _ = d.done.send(Err(format!("ping from the handler: {e}")));
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Handlers { driver, bulk_bytes })
+    }
+
+    /// `trips` round trips (after a tenth as many warm-up ones), the first
+    /// ping sent from this thread, every later one from a's handler.
+    fn ping(&self, pair: &Pair, trips: usize, stream: i64, urgent: bool) -> Result<Histogram<u64>, String> {
+        let (done, finished) = crossbeam_channel::bounded(1);
+        let warmup = (trips / 10).max(10);
+        *self.driver.lock().map_err(|_| "driver lock")? = Some(Driver {
+            hist: histogram(),
+            started: Instant::now(),
+            left: trips + warmup,
+            warmup_left: warmup,
+            stream,
+            urgent,
+            done,
+        });
+        send(&pair.a, PEER_B, stream, static_payload(0x11u8, PING), urgent);
+        finished
+            .recv_timeout(Duration::from_secs(120))
+            .map_err(|_| "the handler ping-pong stalled".to_string())?
+    }
+
+    fn under_bulk(
+        &self,
+        pair: &Pair,
+        trips: usize,
+        class: &'static str,
+        rate_mb: f64,
+    ) -> Result<(Histogram<u64>, f64), String> {
+        let bulk_stop = Arc::new(AtomicBool::new(class == "idle"));
+        let before = self.bulk_bytes.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let bulk = {
+            let a = pair.a.clone();
+            let bulk_stop = bulk_stop.clone();
+            let data = static_payload(0x5au8, BULK);
+            thread::spawn(move || {
+                pin(0);
+                let started = Instant::now();
+                let mut sent = 0f64;
+                while !bulk_stop.load(Ordering::Acquire) {
+                    send(&a, PEER_B, 1, data.clone(), false);
+                    sent += BULK as f64;
+                    if rate_mb > 0.0 {
+                        let due = Duration::from_secs_f64(sent / (rate_mb * 1e6));
+                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                            thread::sleep(ahead);
+                        }
+                    }
+                }
+            })
+        };
+        if class != "idle" {
+            thread::sleep(Duration::from_millis(200));
+        }
+        let latency = class == "latency";
+        let hist = self.ping(pair, trips, if latency { 3 } else { 2 }, latency);
+        bulk_stop.store(true, Ordering::Release);
+        bulk.join().map_err(|_| "bulk sender panicked")?;
+        thread::sleep(Duration::from_millis(300));
+        let bytes = self.bulk_bytes.load(Ordering::Relaxed) - before;
+        Ok((hist?, bytes as f64 / started.elapsed().as_secs_f64() / 1e6))
+    }
 }
 
 /// Runs a baseline on its own threads, so its core pinning stays there.
@@ -288,7 +503,8 @@ struct Pair {
 }
 
 impl Pair {
-    fn start(transport: &str, path_window: Option<usize>, e2e: bool) -> Result<Pair, String> {
+    fn start(transport: &str, args: &BenchArgs, e2e: bool) -> Result<Pair, String> {
+        let path_window = args.path_window;
         let tls = if e2e || transport == "quic" {
             let issued = libatbus::tls::issue("atbus-bench-ca", &[PEER_A.to_string(), PEER_B.to_string()])
                 .map_err(|e| e.to_string())?;
@@ -321,6 +537,9 @@ impl Pair {
         let node = |name: &str, listen: &str, core: usize| -> Result<Arc<Node>, String> {
             let mut config = NodeConfig::new(name, &[listen]).map_err(|e| e.to_string())?;
             config.runtime.first_core = core;
+            if args.spin_us > 0 {
+                config.runtime.spin_before_park = Some(Duration::from_micros(args.spin_us));
+            }
             config.tls = tls.get(core).cloned();
             if let Some(window) = path_window {
                 config.stream.path_window = window;
@@ -551,6 +770,7 @@ impl Pair {
             let bulk_stop = bulk_stop.clone();
             let data = static_payload(0x5au8, BULK);
             thread::spawn(move || {
+                pin(0);
                 let started = Instant::now();
                 let mut sent = 0f64;
                 while !bulk_stop.load(Ordering::Acquire) {
@@ -568,12 +788,13 @@ impl Pair {
         if class != "idle" {
             thread::sleep(Duration::from_millis(200)); // let the bulk fill the way
         }
-        let hist = ping(
-            &self.a,
-            trips,
-            if class == "latency" { 3 } else { 2 },
-            class == "latency",
-        );
+        let a = self.a.clone();
+        let hist = thread::spawn(move || {
+            pin(0);
+            ping(&a, trips, if class == "latency" { 3 } else { 2 }, class == "latency")
+        })
+        .join()
+        .expect("ping");
         bulk_stop.store(true, Ordering::Release);
         bulk.join().expect("bulk sender");
         // Let b drain what is in flight before the next case.
