@@ -78,6 +78,10 @@ pub struct BenchArgs {
     /// `"api": "handler"`) instead of threads reading the receive queue.
     #[arg(long)]
     handler: bool,
+    /// With `--handler`: only the handler cases (and the raw ping-pong they
+    /// are compared with), not the queue API's ping-pong and class cases.
+    #[arg(long, requires = "handler")]
+    handler_only: bool,
     /// The shards spin this many µs before parking when idle
     /// (`RuntimeConfig::spin_before_park`; 0: they park at once).
     #[arg(long, default_value_t = 0)]
@@ -225,7 +229,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
             let (transport, trips) = (transport_name.clone(), args.round_trips);
             move || baseline_rtt(&transport, trips)
         });
-        for &e2e in variants {
+        for &e2e in variants.iter().filter(|_| !args.handler_only) {
             let label = if e2e { " e2e" } else { "" };
             eprintln!("# {transport}{label} ping-pong: {} round trips ...", args.round_trips);
             let ours = pair.ping_pong(args.round_trips, if e2e { E2E_PING } else { 2 });
@@ -244,7 +248,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
                 baseline_rtt_p99_us: us(base.value_at_quantile(0.99)),
             });
         }
-        if args.class && transport != "mem" {
+        if args.class && transport != "mem" && !args.handler_only {
             let trips = (args.round_trips / 4).max(500);
             for class in ["idle", "throughput", "latency"] {
                 eprintln!("# {transport} ping-pong under bulk, {class} class ...");
