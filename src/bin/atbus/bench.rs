@@ -447,26 +447,7 @@ impl Handlers {
         let bulk_stop = Arc::new(AtomicBool::new(class == "idle"));
         let before = self.bulk_bytes.load(Ordering::Relaxed);
         let started = Instant::now();
-        let bulk = {
-            let a = pair.a.clone();
-            let bulk_stop = bulk_stop.clone();
-            let data = static_payload(0x5au8, BULK);
-            thread::spawn(move || {
-                pin(0);
-                let started = Instant::now();
-                let mut sent = 0f64;
-                while !bulk_stop.load(Ordering::Acquire) {
-                    send(&a, PEER_B, 1, data.clone(), false);
-                    sent += BULK as f64;
-                    if rate_mb > 0.0 {
-                        let due = Duration::from_secs_f64(sent / (rate_mb * 1e6));
-                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                            thread::sleep(ahead);
-                        }
-                    }
-                }
-            })
-        };
+        let bulk = bulk_sender(pair.a.clone(), bulk_stop.clone(), rate_mb);
         if class != "idle" {
             thread::sleep(Duration::from_millis(200));
         }
@@ -769,26 +750,7 @@ impl Pair {
         let stop = Arc::new(AtomicBool::new(false));
         let echo = self.echo(stop.clone());
         let bulk_stop = Arc::new(AtomicBool::new(class == "idle"));
-        let bulk = {
-            let a = self.a.clone();
-            let bulk_stop = bulk_stop.clone();
-            let data = static_payload(0x5au8, BULK);
-            thread::spawn(move || {
-                pin(0);
-                let started = Instant::now();
-                let mut sent = 0f64;
-                while !bulk_stop.load(Ordering::Acquire) {
-                    send(&a, PEER_B, 1, data.clone(), false);
-                    sent += BULK as f64;
-                    if rate_mb > 0.0 {
-                        let due = Duration::from_secs_f64(sent / (rate_mb * 1e6));
-                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                            thread::sleep(ahead);
-                        }
-                    }
-                }
-            })
-        };
+        let bulk = bulk_sender(self.a.clone(), bulk_stop.clone(), rate_mb);
         if class != "idle" {
             thread::sleep(Duration::from_millis(200)); // let the bulk fill the way
         }
@@ -818,6 +780,27 @@ impl Pair {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// a's bulk sender (pinned beside a): 16 KiB messages on stream 1 until
+/// `stop`, paced to `rate_mb` MB/s when above 0.
+fn bulk_sender(a: Arc<Node>, stop: Arc<AtomicBool>, rate_mb: f64) -> thread::JoinHandle<()> {
+    let data = static_payload(0x5au8, BULK);
+    thread::spawn(move || {
+        pin(0);
+        let started = Instant::now();
+        let mut sent = 0f64;
+        while !stop.load(Ordering::Acquire) {
+            send(&a, PEER_B, 1, data.clone(), false);
+            sent += BULK as f64;
+            if rate_mb > 0.0 {
+                let due = Duration::from_secs_f64(sent / (rate_mb * 1e6));
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    thread::sleep(ahead);
+                }
+            }
+        }
+    })
 }
 
 fn send(node: &Node, peer: &str, stream: i64, data: Bytes, urgent: bool) {
