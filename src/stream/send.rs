@@ -384,6 +384,39 @@ mod tests {
         assert!(s.is_finished_and_acked());
     }
 
+    /// Never-sent data (the tail) and resends (the range set) come out in
+    /// offset order, each once; a restart resends only what went out, and the
+    /// tail still follows.
+    #[test]
+    fn resends_and_the_never_sent_tail_each_go_once() {
+        let mut s = stream();
+        for _ in 0..4 {
+            s.push(Bytes::from(vec![9; 100]), 1 << 20).unwrap();
+        }
+        let first = s.next_chunk(250).unwrap();
+        assert_eq!(first.range.start, 0);
+        let cut = first.range.end;
+        assert!(cut < 400 && s.has_unsent());
+        // The first packet is lost: it goes again before the tail.
+        s.requeue(first.range.clone());
+        let again = s.next_chunk(10_000).unwrap();
+        assert_eq!(again.range, 0..400, "the resend runs on into the tail");
+        assert!(!s.has_unsent());
+        // The receiver restarted: everything sent goes again, once.
+        s.restart();
+        s.push(Bytes::from(vec![7; 50]), 1 << 20).unwrap();
+        let mut covered = Vec::new();
+        while let Some(chunk) = s.next_chunk(10_000) {
+            covered.push(chunk.range);
+        }
+        assert_eq!(covered, vec![0..450]);
+        // A requeue never reaches past what was sent.
+        s.requeue(0..10_000);
+        assert_eq!(s.next_chunk(10_000).map(|c| c.range), Some(0..450));
+        assert_eq!(s.on_ack(450), Ok(false));
+        assert!(!s.has_unsent() && s.is_drained());
+    }
+
     #[test]
     fn window_blocks_and_reopens() {
         let mut s = SendStream::new(3, 100);
