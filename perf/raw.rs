@@ -6,7 +6,7 @@
 #![allow(dead_code)] // each includer uses its part
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -155,19 +155,8 @@ pub fn baseline_rtt(transport: &str, trips: usize) -> Histogram<u64> {
             hist
         }
         "udp" => {
-            let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
-            let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
-            let (addr_a, addr_b): (SocketAddr, SocketAddr) = (a.local_addr().expect("a"), b.local_addr().expect("b"));
-            a.connect(addr_b).expect("connect");
-            b.connect(addr_a).expect("connect");
-            let server = thread::spawn(move || {
-                pin(1);
-                let mut buf = [0u8; PING];
-                for _ in 0..total {
-                    let n = b.recv(&mut buf).expect("recv");
-                    b.send(&buf[..n]).expect("send");
-                }
-            });
+            let (a, b) = udp_pair();
+            let server = udp_echo(b, total);
             let mut buf = [0u8; PING];
             let hist = timed_round_trips(trips, total, || {
                 a.send(&buf).expect("send");
@@ -290,18 +279,8 @@ pub fn baseline_under_bulk(transport: &str, trips: usize, rate_mb: f64) -> (Hist
                 bytes as f64 / started.elapsed().as_secs_f64() / 1e6
             })
         };
-        let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        a.connect(b.local_addr().expect("b")).expect("connect");
-        b.connect(a.local_addr().expect("a")).expect("connect");
-        let echo = thread::spawn(move || {
-            pin(1);
-            let mut buf = [0u8; PING];
-            for _ in 0..total {
-                let n = b.recv(&mut buf).expect("recv");
-                b.send(&buf[..n]).expect("send");
-            }
-        });
+        let (a, b) = udp_pair();
+        let echo = udp_echo(b, total);
         thread::sleep(Duration::from_millis(200));
         let mut buf = [0u8; PING];
         let hist = timed_round_trips(trips, total, || {
@@ -351,4 +330,25 @@ pub fn baseline_under_bulk(transport: &str, trips: usize, rate_mb: f64) -> (Hist
     bulk_writer.join().expect("bulk writer");
     let bulk = bulk_reader.join().expect("bulk reader");
     (hist, bulk)
+}
+
+/// Two loopback UDP sockets connected to each other.
+fn udp_pair() -> (UdpSocket, UdpSocket) {
+    let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    a.connect(b.local_addr().expect("b")).expect("connect");
+    b.connect(a.local_addr().expect("a")).expect("connect");
+    (a, b)
+}
+
+/// Echoes `total` 64 B datagrams on `b`, on a thread pinned to core 1.
+fn udp_echo(b: UdpSocket, total: usize) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        pin(1);
+        let mut buf = [0u8; PING];
+        for _ in 0..total {
+            let n = b.recv(&mut buf).expect("recv");
+            b.send(&buf[..n]).expect("send");
+        }
+    })
 }

@@ -233,55 +233,28 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
             let label = if e2e { " e2e" } else { "" };
             eprintln!("# {transport}{label} ping-pong: {} round trips ...", args.round_trips);
             let ours = pair.ping_pong(args.round_trips, if e2e { E2E_PING } else { 2 });
-            print_json(&Rtt {
-                kind: "rtt",
+            print_json(&Rtt::of(
                 transport,
-                api: "queue",
-                spin_us: args.spin_us,
+                "queue",
+                args.spin_us,
                 e2e,
-                payload: PING,
-                round_trips: args.round_trips,
-                rtt_p50_us: us(ours.value_at_quantile(0.5)),
-                rtt_p99_us: us(ours.value_at_quantile(0.99)),
-                rtt_max_us: us(ours.max()),
-                baseline_rtt_p50_us: us(base.value_at_quantile(0.5)),
-                baseline_rtt_p99_us: us(base.value_at_quantile(0.99)),
-            });
+                args.round_trips,
+                &ours,
+                &base,
+            ));
         }
         if args.class && transport != "mem" && !args.handler_only {
             let trips = (args.round_trips / 4).max(500);
             for class in ["idle", "throughput", "latency"] {
                 eprintln!("# {transport} ping-pong under bulk, {class} class ...");
                 let (hist, bulk) = pair.under_bulk(trips, class, args.bulk_rate);
-                print_json(&Class {
-                    kind: "class",
-                    transport,
-                    api: "queue",
-                    spin_us: args.spin_us,
-                    class,
-                    bulk_mb_per_sec: bulk,
-                    round_trips: trips,
-                    rtt_p50_us: us(hist.value_at_quantile(0.5)),
-                    rtt_p99_us: us(hist.value_at_quantile(0.99)),
-                    rtt_max_us: us(hist.max()),
-                });
+                print_json(&Class::of(transport, "queue", args.spin_us, class, bulk, trips, &hist));
             }
             let (hist, bulk) = isolated({
                 let (transport, rate) = (transport_name.clone(), args.bulk_rate);
                 move || baseline_under_bulk(&transport, trips, rate)
             });
-            print_json(&Class {
-                kind: "class",
-                transport,
-                api: "queue",
-                spin_us: args.spin_us,
-                class: "raw",
-                bulk_mb_per_sec: bulk,
-                round_trips: trips,
-                rtt_p50_us: us(hist.value_at_quantile(0.5)),
-                rtt_p99_us: us(hist.value_at_quantile(0.99)),
-                rtt_max_us: us(hist.max()),
-            });
+            print_json(&Class::of(transport, "queue", args.spin_us, "raw", bulk, trips, &hist));
         }
         pair.stop();
         if args.handler && args.via_relay == 0 {
@@ -301,37 +274,29 @@ fn handler_cases(transport: &str, args: &BenchArgs, base: &Histogram<u64>) -> Re
         args.round_trips
     );
     let ours = handlers.ping(&pair, args.round_trips, 2, false)?;
-    print_json(&Rtt {
-        kind: "rtt",
+    print_json(&Rtt::of(
         transport,
-        api: "handler",
-        spin_us: args.spin_us,
-        e2e: false,
-        payload: PING,
-        round_trips: args.round_trips,
-        rtt_p50_us: us(ours.value_at_quantile(0.5)),
-        rtt_p99_us: us(ours.value_at_quantile(0.99)),
-        rtt_max_us: us(ours.max()),
-        baseline_rtt_p50_us: us(base.value_at_quantile(0.5)),
-        baseline_rtt_p99_us: us(base.value_at_quantile(0.99)),
-    });
+        "handler",
+        args.spin_us,
+        false,
+        args.round_trips,
+        &ours,
+        base,
+    ));
     if args.class && transport != "mem" {
         let trips = (args.round_trips / 4).max(500);
         for class in ["idle", "throughput", "latency"] {
             eprintln!("# {transport} ping-pong under bulk, handlers, {class} class ...");
             let (hist, bulk) = handlers.under_bulk(&pair, trips, class, args.bulk_rate)?;
-            print_json(&Class {
-                kind: "class",
+            print_json(&Class::of(
                 transport,
-                api: "handler",
-                spin_us: args.spin_us,
+                "handler",
+                args.spin_us,
                 class,
-                bulk_mb_per_sec: bulk,
-                round_trips: trips,
-                rtt_p50_us: us(hist.value_at_quantile(0.5)),
-                rtt_p99_us: us(hist.value_at_quantile(0.99)),
-                rtt_max_us: us(hist.max()),
-            });
+                bulk,
+                trips,
+                &hist,
+            ));
         }
     }
     pair.stop();
@@ -458,6 +423,60 @@ impl Handlers {
         thread::sleep(Duration::from_millis(300));
         let bytes = self.bulk_bytes.load(Ordering::Relaxed) - before;
         Ok((hist?, bytes as f64 / started.elapsed().as_secs_f64() / 1e6))
+    }
+}
+
+impl<'a> Rtt<'a> {
+    /// A ping-pong row from its histogram and the raw one of the same run.
+    fn of(
+        transport: &'a str,
+        api: &'static str,
+        spin_us: u64,
+        e2e: bool,
+        round_trips: usize,
+        ours: &Histogram<u64>,
+        base: &Histogram<u64>,
+    ) -> Self {
+        Rtt {
+            kind: "rtt",
+            transport,
+            api,
+            spin_us,
+            e2e,
+            payload: PING,
+            round_trips,
+            rtt_p50_us: us(ours.value_at_quantile(0.5)),
+            rtt_p99_us: us(ours.value_at_quantile(0.99)),
+            rtt_max_us: us(ours.max()),
+            baseline_rtt_p50_us: us(base.value_at_quantile(0.5)),
+            baseline_rtt_p99_us: us(base.value_at_quantile(0.99)),
+        }
+    }
+}
+
+impl<'a> Class<'a> {
+    /// A class row from its histogram.
+    fn of(
+        transport: &'a str,
+        api: &'static str,
+        spin_us: u64,
+        class: &'static str,
+        bulk_mb_per_sec: f64,
+        round_trips: usize,
+        hist: &Histogram<u64>,
+    ) -> Self {
+        Class {
+            kind: "class",
+            transport,
+            api,
+            spin_us,
+            class,
+            bulk_mb_per_sec,
+            round_trips,
+            rtt_p50_us: us(hist.value_at_quantile(0.5)),
+            rtt_p99_us: us(hist.value_at_quantile(0.99)),
+            rtt_max_us: us(hist.max()),
+        }
     }
 }
 
