@@ -469,3 +469,79 @@ fn a_handler_answers_on_the_shard() {
         server.stop(Duration::from_millis(100));
     }
 }
+
+/// Frame-sync traffic while 16 KiB bulk messages flood the same pair of
+/// nodes, on every socket transport: urgent pings (latency path, echoed
+/// with `send_urgent` by a handler on the far shard) and the bulk stream
+/// each arrive once and in order. (How fast the pings come back is a
+/// benchmark's business: `atbus bench --class`.)
+#[test]
+fn frame_sync_pings_and_a_bulk_flood_all_arrive_in_order() {
+    let tag = std::process::id();
+    let dir = std::env::temp_dir().join(format!("atbus-framesync-{tag}"));
+    std::fs::create_dir_all(&dir).expect("socket directory");
+    for transport in ["tcp", "unix", "udp"] {
+        let listen = |side: &str| match transport {
+            "unix" => format!("unix://{}", dir.join(format!("{side}.sock")).display()),
+            other => format!("{other}://127.0.0.1:0"),
+        };
+        let a = Arc::new(node(&format!("fs-a-{transport}"), &listen("a"), 0));
+        let b = node(&format!("fs-b-{transport}"), &listen("b"), 1);
+        let bulk_seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        {
+            let bulk_seen = bulk_seen.clone();
+            b.set_handler(move |handle, message| match message.stream_id {
+                9 => handle
+                    .send_urgent(&message.from, 9, message.data)
+                    .expect("urgent echo from the handler"),
+                _ => {
+                    let seq = bulk_seen.load(std::sync::atomic::Ordering::Relaxed);
+                    check(seq, &message.data);
+                    bulk_seen.store(seq + 1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+            .expect("handler");
+        }
+        a.add_route(b.name(), b.listen_addresses()[0].clone()).expect("route");
+        wait_connected(&b, a.name());
+        const BULK: u64 = 2_000;
+        const PINGS: u64 = 2_000;
+        let flood = {
+            let (a, to) = (a.clone(), b.name().to_string());
+            thread::spawn(move || {
+                for seq in 0..BULK {
+                    a.send_blocking(&to, 1, payload(seq, 16 * 1024), Duration::from_secs(60))
+                        .unwrap_or_else(|e| panic!("bulk {seq}: {e}"));
+                }
+            })
+        };
+        for seq in 0..PINGS {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match a.send_urgent(b.name(), 9, payload(seq, 64)) {
+                    Ok(()) => break,
+                    Err(libatbus::node::SendError::WouldBlock { .. }) if Instant::now() < deadline => {
+                        thread::sleep(Duration::from_micros(100));
+                    }
+                    Err(e) => panic!("{transport}: ping {seq}: {e}"),
+                }
+            }
+            let echo = a
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|| panic!("{transport}: echo {seq} never came"));
+            assert_eq!(echo.stream_id, 9, "{transport}: only echoes come back");
+            check(seq, &echo.data);
+        }
+        flood.join().expect("the flood went out");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while bulk_seen.load(std::sync::atomic::Ordering::Relaxed) < BULK {
+            assert!(Instant::now() < deadline, "{transport}: bulk stalled");
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(a.try_recv().is_none(), "{transport}: no duplicate echoes");
+        assert_eq!(a.stats().bad_frames + b.stats().bad_frames, 0);
+        a.stop(Duration::from_millis(100));
+        b.stop(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -73,7 +73,8 @@ fn reason(code: AtbusCloseReason, message: impl Into<String>) -> CloseReasonData
 /// `anonymous`: the listener also admits anonymous dialers.
 pub(super) async fn listen(state: Rc<ShardState>, listener: Listener, local: Address, anonymous: bool) {
     if let Listener::Udp(socket) = listener {
-        return listen_udp(state, socket, local, anonymous).await;
+        // Latency paths' datagrams come through it too.
+        return runtime::run_in(TaskClass::Latency, listen_udp(state, socket, local, anonymous)).await;
     }
     tracing::info!(node = %state.shared.name, shard = state.index, "listening on {local}");
     loop {
@@ -590,6 +591,10 @@ async fn established<L: Link>(
     origin: String,
 ) -> End {
     let class = if peer.hello.latency_path {
+        if let Err(e) = link.set_latency() {
+            // It still works, only without preempting bulk work.
+            tracing::warn!(node = %state.shared.name, "latency path {origin}: {e}");
+        }
         TaskClass::Latency
     } else {
         TaskClass::Throughput
@@ -1139,7 +1144,11 @@ async fn read_loop<L: Link>(
         endpoint.drive(state);
         // A busy bulk connection always has bytes to read: let the latency
         // queue (frame-sync connections, the inbox) run when it asks to.
-        glommio::yield_if_needed().await;
+        if peer.hello.latency_path {
+            glommio::yield_if_needed().await;
+        } else {
+            runtime::yield_to_latency().await;
+        }
 
         let wait = config
             .ping_interval
@@ -1348,6 +1357,8 @@ async fn writer<L: Link>(
         Close,
         Stop,
     }
+    // A bulk writer steps aside for the latency queue after each write.
+    let latency = endpoint.state.borrow().paths.get(&path_id).is_some_and(|p| p.latency);
     loop {
         let work = std::future::poll_fn(|cx| {
             let mut st = endpoint.state.borrow_mut();
@@ -1380,7 +1391,13 @@ async fn writer<L: Link>(
                 dead.notify();
                 break;
             }
-            Work::Bytes(bytes) => write_all(&*link, &bytes).await,
+            Work::Bytes(bytes) => {
+                let written = write_all(&*link, &bytes).await;
+                if !latency {
+                    runtime::yield_to_latency().await;
+                }
+                written
+            }
             Work::Datagrams(datagrams) => {
                 let mut result = Ok(());
                 for datagram in datagrams {

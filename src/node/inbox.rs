@@ -57,7 +57,9 @@ impl AppInbox {
     /// the sleeper or the sleeper's look at the queues sees the push (the
     /// pairing crossbeam-channel itself relies on). A fence, or an idempotent
     /// read-modify-write, which LLVM turns into one, cost ~40 % of mem 64 B.
-    pub(super) fn wake(&self) {
+    ///
+    /// Whether it woke sleepers.
+    pub(super) fn wake(&self) -> bool {
         if self.sleepers.load(Ordering::SeqCst) > 0
             && !self.notified.load(Ordering::SeqCst)
             && !self.notified.swap(true, Ordering::SeqCst)
@@ -65,7 +67,9 @@ impl AppInbox {
         {
             *generation += 1;
             self.cvar.notify_all();
+            return true;
         }
+        false
     }
 
     /// The next message, urgent ones first, and whether it is urgent.

@@ -826,6 +826,9 @@ impl Shared {
                     }));
                 }
                 drop(peers);
+                if urgent {
+                    self.shards[home].hurry();
+                }
                 if !self.drain_scheduled[home].swap(true, Ordering::AcqRel) {
                     self.shards[home].submit(shard::drain_send_queue);
                 }

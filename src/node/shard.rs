@@ -41,6 +41,8 @@ pub(super) struct ShardState {
     pub stopping: Cell<bool>,
     /// Messages went to the application since its last wake-up.
     app_wake: Cell<bool>,
+    /// ... and an urgent one among them.
+    app_wake_urgent: Cell<bool>,
     /// A task retries held messages (see `watch_held`).
     held_watch: Cell<bool>,
     /// For the node's message handler, if it has one.
@@ -111,7 +113,12 @@ impl ShardState {
             return;
         }
         match self.shared.deliver(message, urgent) {
-            Ok(()) => self.app_wake.set(true),
+            Ok(()) => {
+                self.app_wake.set(true);
+                if urgent {
+                    self.app_wake_urgent.set(true);
+                }
+            }
             Err(message) => {
                 undelivered.push_back(message);
                 self.watch_held();
@@ -159,9 +166,19 @@ impl ShardState {
 
     /// Wakes the application if messages went to it since the last call:
     /// once per frame or job, not per message.
+    ///
+    /// After an urgent message, the shard gives up the rest of its time
+    /// slice: the reader may share this core (asleep, or preempted by the
+    /// shard), and a shard busy with bulk work would otherwise keep it
+    /// waiting for the scheduler's slice to end (milliseconds: the
+    /// frame-sync tail).
     pub fn wake_app(&self) {
+        let urgent = self.app_wake_urgent.replace(false);
         if self.app_wake.replace(false) {
             self.shared.inbox.wake();
+            if urgent {
+                std::thread::yield_now();
+            }
         }
     }
 
@@ -261,6 +278,10 @@ impl PathIo {
 
     fn wake(&mut self) {
         if let Some(waker) = self.writer.take() {
+            if self.latency {
+                // Bulk tasks step aside at their next yield point.
+                crate::runtime::latency_wanted();
+            }
             waker.wake();
         }
     }
@@ -807,6 +828,7 @@ pub(super) fn install(
         undelivered: [RefCell::new(VecDeque::new()), RefCell::new(VecDeque::new())],
         stopping: Cell::new(false),
         app_wake: Cell::new(false),
+        app_wake_urgent: Cell::new(false),
         held_watch: Cell::new(false),
         shutdown: super::conn::Notify::default(),
         dial_epochs: RefCell::new(super::name_map()),

@@ -29,8 +29,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_queue::SegQueue;
+
+mod latency;
 use futures_lite::AsyncReadExt;
 use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
+pub use latency::{WATCH_INTERVAL, latency_wanted, readable, yield_to_latency};
 
 /// A unit of work run on a shard's thread.
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -111,6 +114,8 @@ struct Inbox {
     jobs: SegQueue<Job>,
     /// Set when a wake-up byte is in flight or the shard is draining.
     notified: AtomicBool,
+    /// Raised with frame-sync work queued (see [`ShardHandle::hurry`]).
+    hurry: Arc<AtomicBool>,
     stopping: AtomicBool,
     waker: StdUnixStream,
 }
@@ -152,6 +157,14 @@ impl ShardHandle {
     /// the order they were submitted.
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
         self.inbox.push(Box::new(job));
+    }
+
+    /// Tells the shard that latency-class work (a frame-sync send) is
+    /// queued for it: if it is busy with bulk work, its bulk tasks step
+    /// aside at their next yield point and the inbox task runs the jobs
+    /// submitted so far. A flag; the jobs themselves still go by `submit`.
+    pub fn hurry(&self) {
+        self.inbox.hurry.store(true, Ordering::Release);
     }
 }
 
@@ -246,6 +259,7 @@ impl Runtime {
             let inbox = Arc::new(Inbox {
                 jobs: SegQueue::new(),
                 notified: AtomicBool::new(false),
+                hurry: Arc::default(),
                 stopping: AtomicBool::new(false),
                 waker,
             });
@@ -357,30 +371,41 @@ async fn shard_main(
     CURRENT.with(|c| *c.borrow_mut() = None);
 }
 
-/// Runs the jobs other threads submit, until the runtime stops.
+/// Runs the jobs other threads submit, until the runtime stops: woken by a
+/// byte on its socket (a readiness poll on glommio's main ring: a busy
+/// shard gets to it between task-queue runs), or sooner, by a bulk yield
+/// point that saw the hurry flag ([`ShardHandle::hurry`]).
 async fn drain_inbox(index: usize, inbox: Arc<Inbox>, wake_rx: StdUnixStream) {
     // SAFETY: the fd comes from a socketpair we own and hand over here.
     let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(wake_rx.into_raw_fd()) };
+    latency::set_hurry(Some(inbox.hurry.clone()));
     let mut buf = [0u8; 256];
     loop {
         // Clear before draining: a push after this point sends a new byte.
         inbox.notified.store(false, Ordering::Release);
+        inbox.hurry.store(false, Ordering::Release);
         while let Some(job) = inbox.jobs.pop() {
             job();
         }
         if inbox.stopping.load(Ordering::Acquire) {
             break;
         }
-        match wake.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
+        let woke = futures_lite::future::or(async { Some(wake.read(&mut buf).await) }, async {
+            latency::hurried().await;
+            None
+        })
+        .await;
+        match woke {
+            None | Some(Ok(1..)) => {}
+            Some(Ok(0)) => break,
+            Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Some(Err(e)) => {
                 tracing::error!("shard {index}: wake-up socket failed: {e}");
                 break;
             }
         }
     }
+    latency::set_hurry(None);
 }
 
 #[cfg(test)]

@@ -52,6 +52,12 @@ pub trait Link: 'static {
     fn frame_head(&self) -> Option<&crate::proto::MessageHead> {
         None
     }
+    /// This link is a pair's latency path (frame-sync traffic): from now on
+    /// `recv` should wait in a way that preempts bulk work on the shard.
+    /// Links without such a way keep waiting as before.
+    fn set_latency(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// One whole datagram, owned (links that pass buffers on, like tunnels,
     /// take it without a copy).
     async fn send_datagram(&self, datagram: Bytes) -> io::Result<usize> {
@@ -109,6 +115,7 @@ impl Handoff {
                     socket: Rc::new(socket),
                     peer,
                     inbox: None,
+                    latency: std::cell::Cell::new(false),
                 }))
             }
             Handoff::Bridged(end) => Ok(Connected::Bridged(BridgeLink::new(end))),
@@ -207,8 +214,17 @@ fn dup_fd(fd: &impl AsFd) -> io::Result<OwnedFd> {
 
 /// A byte-stream socket (TCP or Unix) shared by two tasks. Borrows last one
 /// poll each, so the reader and writer never hold it at the same time.
+///
+/// A latency path ([`Link::set_latency`]) waits for bytes differently:
+/// glommio waits for a readable stream with a poll on its main io_uring,
+/// which a shard busy with bulk work only looks at between task-queue runs;
+/// a receive (here a one-byte peek on a duplicate descriptor, `probe`) goes
+/// to its latency ring, whose completions make `need_preempt` true, so the
+/// bulk tasks yield at their next `yield_if_needed` and the latency queue
+/// runs. The bytes themselves are then read with a non-blocking `recv`.
 pub struct StreamLink<S> {
     socket: RefCell<S>,
+    probe: RefCell<Option<Rc<TcpStream>>>,
     peer: String,
 }
 
@@ -217,9 +233,18 @@ impl<S> StreamLink<S> {
     pub fn new(socket: S, peer: String) -> Self {
         Self {
             socket: RefCell::new(socket),
+            probe: RefCell::new(None),
             peer,
         }
     }
+}
+
+/// One non-blocking `recv` into `buf`.
+fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `recv` only writes initialised bytes into the buffer, and a
+    // `u8` slice has the layout of a `MaybeUninit<u8>` slice.
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+    socket2::SockRef::from(&fd).recv_with_flags(uninit, libc::MSG_DONTWAIT)
 }
 
 /// Which [`Handoff`] a stream socket makes.
@@ -233,11 +258,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
     }
 
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_read(cx, buf)).await
+        let probe = self.probe.borrow().clone();
+        let Some(probe) = probe else {
+            return std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_read(cx, buf)).await;
+        };
+        loop {
+            let read = {
+                let socket = self.socket.borrow();
+                // SAFETY: the descriptor is valid while `socket` is borrowed.
+                recv_now(unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }, buf)
+            };
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                done => return done,
+            }
+            // Completes once a byte is there (or the peer closed: then the
+            // next `recv` says so).
+            let fd = self.socket.borrow().as_raw_fd();
+            if let Some(Err(e)) = crate::runtime::readable(fd, probe.peek(&mut [0u8; 1])).await {
+                return Err(e.into());
+            }
+        }
     }
 
     async fn send(&self, buf: &[u8]) -> io::Result<usize> {
         std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_write(cx, buf)).await
+    }
+
+    fn set_latency(&self) -> io::Result<()> {
+        let socket = self.socket.borrow();
+        // SAFETY: the descriptor is valid while `socket` is borrowed.
+        let fd = dup_fd(&unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) })?;
+        // SAFETY: a fresh duplicate, owned by the probe from here on.
+        let probe = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+        *self.probe.borrow_mut() = Some(Rc::new(probe));
+        Ok(())
     }
 
     async fn shutdown(&self) {
@@ -267,6 +322,9 @@ pub struct UdpLink {
     peer: SocketAddr,
     /// Datagrams for this peer when the socket is shared (listening side).
     inbox: Option<LocalReceiver<Vec<u8>>>,
+    /// A pair's latency path (see [`Link::set_latency`]; a socket of its
+    /// own only: shared ones are read by the listener's demultiplexer).
+    latency: std::cell::Cell<bool>,
 }
 
 impl Link for UdpLink {
@@ -276,6 +334,18 @@ impl Link for UdpLink {
 
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         match &self.inbox {
+            None if self.latency.get() => loop {
+                // As a stream link's latency path (see `StreamLink`).
+                let fd = self.socket.as_raw_fd();
+                // SAFETY: the descriptor belongs to `self.socket`, alive meanwhile.
+                match recv_now(unsafe { BorrowedFd::borrow_raw(fd) }, buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                    done => return done,
+                }
+                if let Some(Err(e)) = crate::runtime::readable(fd, self.socket.peek(&mut [0u8; 1])).await {
+                    return Err(e.into());
+                }
+            },
             None => self.socket.recv(buf).await.map_err(io::Error::from),
             Some(inbox) => {
                 let datagram = inbox
@@ -316,6 +386,11 @@ impl Link for UdpLink {
 
     fn peer(&self) -> String {
         format!("udp://{}", self.peer)
+    }
+
+    fn set_latency(&self) -> io::Result<()> {
+        self.latency.set(self.inbox.is_none());
+        Ok(())
     }
 
     fn handoff(&self) -> io::Result<Handoff> {
@@ -398,6 +473,7 @@ pub async fn connect(address: &Address, timeout: Duration) -> io::Result<Connect
                 socket: Rc::new(socket),
                 peer: addr,
                 inbox: None,
+                latency: std::cell::Cell::new(false),
             }))
         }
         Address::Quic { .. } | Address::Mem(_) | Address::Relay(_) => Err(io::Error::new(
@@ -568,8 +644,29 @@ impl UdpDemux {
 
     /// Receives the next datagram; returns a new link when it came from a
     /// source never seen (or forgotten) before.
+    ///
+    /// The socket carries latency paths too: it waits as their readers do
+    /// (see [`crate::runtime::readable`]) and reads with non-blocking calls.
     pub async fn next(&self, buf: &mut [u8]) -> io::Result<Option<UdpLink>> {
-        let (n, from) = self.socket.recv_from(buf).await.map_err(io::Error::from)?;
+        let fd = self.socket.as_raw_fd();
+        let (n, from) = loop {
+            // SAFETY: `recv` only writes initialised bytes into the buffer,
+            // and a `u8` slice has the layout of a `MaybeUninit<u8>` slice.
+            let uninit = unsafe { &mut *(&mut *buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+            // SAFETY: the descriptor belongs to `self.socket`, alive meanwhile.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            match socket2::SockRef::from(&borrowed).recv_from_with_flags(uninit, libc::MSG_DONTWAIT) {
+                Ok((n, from)) => match from.as_socket() {
+                    Some(from) => break (n, from),
+                    None => continue,
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(Err(e)) = crate::runtime::readable(fd, self.socket.peek_from(&mut [0u8; 1])).await {
+                return Err(e.into());
+            }
+        };
         let datagram = buf[..n].to_vec();
         let mut peers = self.peers.borrow_mut();
         if let Some(sender) = peers.get(&from) {
@@ -590,6 +687,7 @@ impl UdpDemux {
             socket: self.socket.clone(),
             peer: from,
             inbox: Some(receiver),
+            latency: std::cell::Cell::new(false),
         }))
     }
 
