@@ -6,7 +6,7 @@
 //! and reap io. A shard that always has bulk bytes to read or write would so
 //! notice a latency connection's bytes late, and even then glommio gives the
 //! woken latency queue a virtual runtime just above the bulk queue's, so the
-//! bulk queue runs first once more. Three things close that gap:
+//! bulk queue runs first once more. What closes that gap:
 //!
 //! - Latency-class tasks wait for io with [`readable`]: the io wait itself
 //!   (a receive on the latency ring, which preempts once it is with the
@@ -18,6 +18,10 @@
 //!   urgent reply) marks latency work as wanted ([`latency_wanted`]).
 //! - [`yield_to_latency`] then yields the bulk task's queue at once, so the
 //!   latency queue runs next.
+//! - Frame-sync sends from application threads reach the shard through its
+//!   inbox, whose wake-up byte a busy shard would also read late: they raise
+//!   the shard's hurry flag ([`super::ShardHandle::hurry`]), which the same
+//!   yield points check (one atomic load) to wake the inbox task.
 //!
 //! The watch costs one `poll(2)` per yield point at most every
 //! [`WATCH_INTERVAL`], and nothing on a shard without waiting latency tasks.
