@@ -81,10 +81,28 @@ fn wait_listening(child: &mut std::process::Child) {
 
 #[test]
 fn demo_runs_and_exits_cleanly() {
-    let out = Command::new(ATBUS)
+    let mut child = Command::new(ATBUS)
         .args(["demo", "--seconds", "3", "--rate", "5000"])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("atbus runs");
+    // A 3-second demo: a run still going after a minute is a hang (a shard
+    // asleep with work to do), reported here rather than blocking the suite.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait for the demo").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("demo output");
+            panic!(
+                "the demo hung:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("demo output");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -55,6 +55,9 @@ pub struct RuntimeConfig {
     pub spin_before_park: Option<Duration>,
     /// How long the latency task queue may wait before it preempts others.
     pub latency_budget: Duration,
+    /// Every shard keeps a timer this often (see [`stall_guard`]): the
+    /// longest a shard can sleep while it has runnable tasks.
+    pub stall_guard: Duration,
     /// Thread name prefix.
     pub name: String,
 }
@@ -69,6 +72,7 @@ impl Default for RuntimeConfig {
             ring_depth: 128,
             spin_before_park: None,
             latency_budget: Duration::from_micros(200),
+            stall_guard: Duration::from_millis(2),
             name: "atbus".to_string(),
         }
     }
@@ -276,9 +280,9 @@ impl Runtime {
             }
             let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), io::Error>>(1);
             let shard_inbox = inbox.clone();
-            let latency_budget = config.latency_budget;
+            let (latency_budget, stall_guard) = (config.latency_budget, config.stall_guard);
             let spawned = builder.spawn(move || async move {
-                shard_main(index, shard_inbox, wake_rx, latency_budget, ready_tx).await;
+                shard_main(index, shard_inbox, wake_rx, latency_budget, stall_guard, ready_tx).await;
             });
             let handle = match spawned {
                 Ok(handle) => handle,
@@ -347,6 +351,7 @@ async fn shard_main(
     inbox: Arc<Inbox>,
     wake_rx: StdUnixStream,
     latency_budget: Duration,
+    stall_guard_every: Duration,
     ready: crossbeam_channel::Sender<Result<(), io::Error>>,
 ) {
     let executor = glommio::executor();
@@ -360,6 +365,12 @@ async fn shard_main(
         })
     });
     let _ = ready.send(Ok(()));
+    match glommio::spawn_local_into(stall_guard(stall_guard_every), throughput) {
+        Ok(task) => {
+            task.detach();
+        }
+        Err(e) => tracing::error!("shard {index}: cannot start the stall guard: {e}"),
+    }
     // The inbox carries sends from application threads, frame-sync ones
     // included: it runs in the latency queue, so its wake-up preempts bulk
     // work instead of waiting for the throughput queue's slice to end.
@@ -369,6 +380,27 @@ async fn shard_main(
         Err(e) => tracing::error!("shard {index}: cannot start the inbox task: {e}"),
     }
     CURRENT.with(|c| *c.borrow_mut() = None);
+}
+
+/// Keeps a timer pending on the shard, so that it never sleeps longer than
+/// `every`.
+///
+/// glommio 0.9 can park an executor whose task queues are still runnable:
+/// `run_task_queues` answers "nothing ran" both when there was nothing to
+/// run and when `need_preempt` was already true before its first queue (a
+/// latency-ring completion that woke no task, such as a fired preempt
+/// timer or a cancelled receive, landing between its io poll and that
+/// check), and the executor parks on either (fixed upstream in the
+/// glommio/glommio fork, PR 53; not released on crates.io). Parked, it
+/// sleeps in `io_uring_enter` until some io or timer completes: here a node
+/// start waited for a shard's job until a debugger's attach interrupted the
+/// sleep, and connections stalled until their next ping timer (the demo's
+/// occasional one-second dips). A timer always pending bounds such a sleep;
+/// when it fires the executor runs every active queue again.
+async fn stall_guard(every: Duration) {
+    loop {
+        glommio::timer::sleep(every).await;
+    }
 }
 
 /// Runs the jobs other threads submit, until the runtime stops: woken by a
