@@ -411,6 +411,7 @@ fn a_tiny_application_queue_with_a_stalling_reader_loses_nothing() {
 /// refused.
 #[test]
 fn a_handler_answers_on_the_shard() {
+    const COUNT: u64 = 10_000;
     let tag = std::process::id();
     for transport in ["tcp", "mem"] {
         let (server_listen, client_listen) = match transport {
@@ -418,7 +419,15 @@ fn a_handler_answers_on_the_shard() {
             _ => ("tcp://127.0.0.1:0".to_string(), "tcp://127.0.0.1:0".to_string()),
         };
         let server = node(&format!("handler-server-{transport}"), &server_listen, 0);
-        let client = Arc::new(node(&format!("handler-client-{transport}"), &client_listen, 1));
+        // Room for every echo: a handler never waits, and over mem a full
+        // receive queue answers its send with `WouldBlock` (the reader thread
+        // may lag); flow control is not what this test is about.
+        let mut client_config =
+            NodeConfig::new(&format!("handler-client-{transport}"), &[&client_listen]).expect("config");
+        client_config.runtime.first_core = 1;
+        client_config.runtime.shards = 1;
+        client_config.recv_queue = COUNT as usize;
+        let client = Arc::new(Node::start(client_config).expect("node starts"));
         let client_name = client.name().to_string();
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         {
@@ -444,7 +453,6 @@ fn a_handler_answers_on_the_shard() {
                 .add_route(&client_name, client.listen_addresses()[0].clone())
                 .expect("route back");
         }
-        const COUNT: u64 = 10_000;
         let reader = {
             let client = client.clone();
             thread::spawn(move || {
