@@ -239,7 +239,7 @@ mod tests {
             .expect("executor");
         ex.run(async move {
             let executor = glommio::executor();
-            let lq = executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "l");
+            let lq = executor.create_task_queue(Shares::Static(1000), Latency::NotImportant, "l");
             let bq = executor.create_task_queue(Shares::Static(1000), Latency::NotImportant, "b");
             let l = glommio::spawn_local_into(latency, lq).expect("spawn");
             let b = glommio::spawn_local_into(bulk, bq).expect("spawn");

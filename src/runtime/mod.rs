@@ -9,7 +9,7 @@
 //!
 //! A shard owns what runs on it (listeners, connections, endpoints); nothing
 //! migrates between shards. Two task queues per shard: [`TaskClass::Latency`]
-//! (glommio `Latency::Matters`) for frame-sync traffic and
+//! (bulk loops hand the shard to it, see [`latency`]) for frame-sync traffic and
 //! [`TaskClass::Throughput`] for bulk work.
 //!
 //! Memory: glommio registers `3 × io_memory` of locked memory per executor
@@ -53,8 +53,6 @@ pub struct RuntimeConfig {
     pub ring_depth: usize,
     /// Busy-poll this long before parking (lower latency, burns CPU).
     pub spin_before_park: Option<Duration>,
-    /// How long the latency task queue may wait before it preempts others.
-    pub latency_budget: Duration,
     /// Every shard keeps a timer this often (see [`stall_guard`]): the
     /// longest a shard can sleep while it has runnable tasks.
     pub stall_guard: Duration,
@@ -71,7 +69,6 @@ impl Default for RuntimeConfig {
             io_memory: 512 * 1024,
             ring_depth: 128,
             spin_before_park: None,
-            latency_budget: Duration::from_micros(200),
             stall_guard: Duration::from_millis(2),
             name: "atbus".to_string(),
         }
@@ -280,9 +277,9 @@ impl Runtime {
             }
             let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), io::Error>>(1);
             let shard_inbox = inbox.clone();
-            let (latency_budget, stall_guard) = (config.latency_budget, config.stall_guard);
+            let stall_guard = config.stall_guard;
             let spawned = builder.spawn(move || async move {
-                shard_main(index, shard_inbox, wake_rx, latency_budget, stall_guard, ready_tx).await;
+                shard_main(index, shard_inbox, wake_rx, stall_guard, ready_tx).await;
             });
             let handle = match spawned {
                 Ok(handle) => handle,
@@ -350,12 +347,16 @@ async fn shard_main(
     index: usize,
     inbox: Arc<Inbox>,
     wake_rx: StdUnixStream,
-    latency_budget: Duration,
     stall_guard_every: Duration,
     ready: crossbeam_channel::Sender<Result<(), io::Error>>,
 ) {
     let executor = glommio::executor();
-    let latency = executor.create_task_queue(Shares::Static(1000), Latency::Matters(latency_budget), "latency");
+    // Not `Latency::Matters`: bulk tasks hand the shard to this queue
+    // themselves (`latency::yield_to_latency`), and glommio's short
+    // preempt timer for such a queue is what most often trips its
+    // park-while-runnable race (see `stall_guard`): a timer that fires
+    // between an io poll and the first `need_preempt` check.
+    let latency = executor.create_task_queue(Shares::Static(1000), Latency::NotImportant, "latency");
     let throughput = executor.create_task_queue(Shares::Static(1000), Latency::NotImportant, "throughput");
     CURRENT.with(|c| {
         *c.borrow_mut() = Some(ShardContext {
