@@ -352,3 +352,143 @@ fn udp_echo(b: UdpSocket, total: usize) -> thread::JoinHandle<()> {
         }
     })
 }
+
+/// The queue API's thread layout over bare sockets: at each end an
+/// application thread and an I/O thread pinned on one core (a on core 0,
+/// b on core 1, as `atbus bench` places applications beside their shards).
+/// The application hands a ping to its I/O thread (a channel, and an
+/// eventfd the I/O thread polls beside the socket), the I/O thread writes
+/// it; the far I/O thread reads it and hands it to its application (a
+/// channel; the application sleeps in a blocking receive). Two hand-offs per
+/// hop more than [`baseline_rtt`]: the cost of the layout itself, without
+/// anything of the bus. tcp and unix only.
+pub fn handoff_rtt(transport: &str, trips: usize) -> Option<Histogram<u64>> {
+    let kind = raw_kind(transport);
+    let (a, b): (Box<dyn PollDuplex>, Box<dyn PollDuplex>) = match kind {
+        "unix" => {
+            let (a, b) = UnixStream::pair().expect("pair");
+            (Box::new(a), Box::new(b))
+        }
+        "tcp" => {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let a = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+            let (b, _) = listener.accept().expect("accept");
+            let _ = a.set_nodelay(true);
+            let _ = b.set_nodelay(true);
+            (Box::new(a), Box::new(b))
+        }
+        _ => return None,
+    };
+    let total = trips + (trips / 10).max(10);
+    let echo = thread::spawn(move || {
+        pin(1);
+        let b = HandoffEnd::start(b, 1, total);
+        for _ in 0..total {
+            let ping = b.recv();
+            b.send(ping);
+        }
+        b.join();
+    });
+    let a = HandoffEnd::start(a, 0, total);
+    let ping = [0x11u8; PING];
+    let hist = timed_round_trips(trips, total, || {
+        a.send(ping);
+        a.recv();
+    });
+    a.join();
+    echo.join().expect("echo");
+    Some(hist)
+}
+
+trait PollDuplex: Read + Write + std::os::fd::AsRawFd + Send {}
+impl<T: Read + Write + std::os::fd::AsRawFd + Send> PollDuplex for T {}
+
+/// An application thread's side of [`handoff_rtt`]: its I/O thread and the
+/// channels to and from it.
+struct HandoffEnd {
+    to_io: crossbeam_channel::Sender<[u8; PING]>,
+    from_io: crossbeam_channel::Receiver<[u8; PING]>,
+    wake: std::os::fd::OwnedFd,
+    io: thread::JoinHandle<()>,
+}
+
+impl HandoffEnd {
+    /// Starts the I/O thread on `core`; it ends after `total` messages each
+    /// way.
+    fn start(mut socket: Box<dyn PollDuplex>, core: usize, total: usize) -> Self {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: eventfd returns a new descriptor (or -1, checked).
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(raw >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+        let wake_fd = wake.as_raw_fd();
+        let (to_io, io_rx) = crossbeam_channel::unbounded::<[u8; PING]>();
+        let (io_tx, from_io) = crossbeam_channel::unbounded::<[u8; PING]>();
+        let io = thread::spawn(move || {
+            pin(core);
+            let mut polled = [
+                libc::pollfd {
+                    fd: socket.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: wake_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let (mut written, mut read) = (0, 0);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut pending = Vec::new();
+            while written < total || read < total {
+                // SAFETY: two valid pollfds.
+                let n = unsafe { libc::poll(polled.as_mut_ptr(), 2, -1) };
+                assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+                if polled[1].revents != 0 {
+                    let mut count = [0u8; 8];
+                    // SAFETY: reads 8 bytes into `count`.
+                    unsafe { libc::read(wake_fd, count.as_mut_ptr().cast(), 8) };
+                    while let Ok(message) = io_rx.try_recv() {
+                        socket.write_all(&message).expect("write");
+                        written += 1;
+                    }
+                }
+                if polled[0].revents != 0 {
+                    let n = socket.read(&mut buf).expect("read");
+                    assert!(n > 0, "the peer closed early");
+                    pending.extend_from_slice(&buf[..n]);
+                    let whole = pending.len() / PING * PING;
+                    for chunk in pending[..whole].chunks_exact(PING) {
+                        io_tx.send(chunk.try_into().expect("64 bytes")).expect("application");
+                        read += 1;
+                    }
+                    pending.drain(..whole);
+                }
+            }
+        });
+        Self {
+            to_io,
+            from_io,
+            wake,
+            io,
+        }
+    }
+
+    fn send(&self, message: [u8; PING]) {
+        use std::os::fd::AsRawFd;
+        self.to_io.send(message).expect("I/O thread");
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from `one` to the eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+
+    fn recv(&self) -> [u8; PING] {
+        self.from_io.recv().expect("I/O thread")
+    }
+
+    fn join(self) {
+        self.io.join().expect("I/O thread");
+    }
+}

@@ -34,7 +34,9 @@ use hdrhistogram::Histogram;
 #[path = "../../../perf/raw.rs"]
 mod raw;
 use libatbus::node::{Message, Node, NodeConfig};
-use raw::{BULK, PING, baseline_rtt, baseline_throughput, baseline_under_bulk, histogram, pin, static_payload};
+use raw::{
+    BULK, PING, baseline_rtt, baseline_throughput, baseline_under_bulk, handoff_rtt, histogram, pin, static_payload,
+};
 use serde::Serialize;
 
 /// `atbus bench` options.
@@ -129,6 +131,13 @@ struct Rtt<'a> {
     rtt_max_us: f64,
     baseline_rtt_p50_us: f64,
     baseline_rtt_p99_us: f64,
+    /// Queue API rows (tcp, unix): bare sockets with the queue API's thread
+    /// layout, an application and an I/O thread at each end
+    /// (`raw::handoff_rtt`), measured in the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handoff_rtt_p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handoff_rtt_p99_us: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -229,19 +238,20 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
             let (transport, trips) = (transport_name.clone(), args.round_trips);
             move || baseline_rtt(&transport, trips)
         });
+        let handoff = if args.handler_only {
+            None
+        } else {
+            let (transport, trips) = (transport_name.clone(), args.round_trips);
+            isolated(move || handoff_rtt(&transport, trips))
+        };
         for &e2e in variants.iter().filter(|_| !args.handler_only) {
             let label = if e2e { " e2e" } else { "" };
             eprintln!("# {transport}{label} ping-pong: {} round trips ...", args.round_trips);
             let ours = pair.ping_pong(args.round_trips, if e2e { E2E_PING } else { 2 });
-            print_json(&Rtt::of(
-                transport,
-                "queue",
-                args.spin_us,
-                e2e,
-                args.round_trips,
-                &ours,
-                &base,
-            ));
+            print_json(
+                &Rtt::of(transport, "queue", args.spin_us, e2e, args.round_trips, &ours, &base)
+                    .with_handoff(handoff.as_ref()),
+            );
         }
         if args.class && transport != "mem" && !args.handler_only {
             let trips = (args.round_trips / 4).max(500);
@@ -450,7 +460,16 @@ impl<'a> Rtt<'a> {
             rtt_max_us: us(ours.max()),
             baseline_rtt_p50_us: us(base.value_at_quantile(0.5)),
             baseline_rtt_p99_us: us(base.value_at_quantile(0.99)),
+            handoff_rtt_p50_us: None,
+            handoff_rtt_p99_us: None,
         }
+    }
+
+    /// With the hand-off baseline's figures.
+    fn with_handoff(mut self, handoff: Option<&Histogram<u64>>) -> Self {
+        self.handoff_rtt_p50_us = handoff.map(|h| us(h.value_at_quantile(0.5)));
+        self.handoff_rtt_p99_us = handoff.map(|h| us(h.value_at_quantile(0.99)));
+        self
     }
 }
 
