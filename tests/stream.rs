@@ -561,3 +561,121 @@ fn urgent_streams_use_the_latency_path() {
     }
     assert!(moved > 0, "bulk uses the last path left");
 }
+
+/// Two sessions with one TCP path each.
+fn session_pair(config: Config, now: std::time::Instant) -> (Session, Session) {
+    let mut a = Session::new(config.clone(), now);
+    let mut b = Session::new(config, now);
+    for session in [&mut a, &mut b] {
+        session.add_path(PathId(1), PathConfig::with_mtu(PathConfig::TCP_MTU));
+    }
+    (a, b)
+}
+
+/// Everything `from` transmits now, delivered to `to`; the kinds in order
+/// (`true`: an acknowledgement).
+fn pump(from: &mut Session, to: &mut Session, now: std::time::Instant) -> Vec<bool> {
+    let mut kinds = Vec::new();
+    while let Some(transmit) = from.poll_transmit(now) {
+        match transmit {
+            Transmit::Packet { path, packet } => {
+                kinds.push(false);
+                to.handle_packet(now, path, packet).expect("valid packet");
+            }
+            Transmit::Ack { path, ack } => {
+                kinds.push(true);
+                to.handle_ack(now, path, ack).expect("valid ack");
+            }
+        }
+    }
+    kinds
+}
+
+#[test]
+fn a_lone_packet_is_acknowledged_with_the_answer_or_after_the_delay() {
+    let delay = Config::default().ack_delay;
+    assert!(delay > Duration::ZERO);
+    let now = std::time::Instant::now();
+    let (mut a, mut b) = session_pair(Config::default(), now);
+
+    // A ping: b owes an acknowledgement, but not yet.
+    a.send(STREAM, Bytes::from_static(b"ping")).expect("send");
+    assert_eq!(pump(&mut a, &mut b, now), [false]);
+    assert!(pump(&mut b, &mut a, now).is_empty(), "no acknowledgement alone at once");
+    assert_eq!(b.poll_timeout(), Some(now + delay), "the acknowledgement's deadline");
+    // The answer comes first: the acknowledgement leaves with it.
+    b.send(STREAM, Bytes::from_static(b"pong")).expect("send");
+    assert_eq!(
+        pump(&mut b, &mut a, now),
+        [false, true],
+        "answer, then its acknowledgement"
+    );
+    assert_eq!(a.unacknowledged(STREAM), 0, "the ping is acknowledged");
+
+    // No answer: the acknowledgement goes when its delay has passed.
+    let later = now + delay / 4;
+    a.send(STREAM, Bytes::from_static(b"ping 2")).expect("send");
+    assert_eq!(
+        pump(&mut a, &mut b, later),
+        [false, true],
+        "the second ping carries the acknowledgement of the pong"
+    );
+    assert!(pump(&mut b, &mut a, later + delay / 2).is_empty());
+    let due = b.poll_timeout().expect("a deadline");
+    assert_eq!(due, later + delay);
+    b.handle_timeout(due);
+    assert_eq!(pump(&mut b, &mut a, due), [true]);
+    assert_eq!(a.unacknowledged(STREAM), 0);
+    assert_eq!(b.poll_timeout(), None, "nothing owed, no timer");
+}
+
+#[test]
+fn bursts_holes_and_resends_are_acknowledged_at_once() {
+    let now = std::time::Instant::now();
+    // A burst: two packets or more.
+    let (mut a, mut b) = session_pair(Config::default(), now);
+    a.send(STREAM, Bytes::from(vec![1u8; 3 * PathConfig::TCP_MTU]))
+        .expect("send");
+    assert!(pump(&mut a, &mut b, now).len() >= 2);
+    assert_eq!(pump(&mut b, &mut a, now), [true]);
+
+    // A hole: the second packet arrives first.
+    let (mut a, mut b) = session_pair(Config::default(), now);
+    a.send(STREAM, Bytes::from(vec![2u8; PathConfig::TCP_MTU]))
+        .expect("send");
+    a.send(STREAM, Bytes::from_static(b"after the hole")).expect("send");
+    let mut packets = Vec::new();
+    while let Some(Transmit::Packet { path, packet }) = a.poll_transmit(now) {
+        packets.push((path, packet));
+    }
+    assert!(packets.len() >= 2);
+    let (path, last) = packets.pop().expect("two packets");
+    b.handle_packet(now, path, last).expect("valid");
+    assert_eq!(pump(&mut b, &mut a, now), [true], "a hole is reported at once");
+
+    // A resend of what was delivered: the sender waits for it.
+    let (mut a, mut b) = session_pair(Config::default(), now);
+    a.send(STREAM, Bytes::from_static(b"once")).expect("send");
+    let Some(Transmit::Packet { path, packet }) = a.poll_transmit(now) else {
+        panic!("a packet");
+    };
+    b.handle_packet(now, path, packet.clone()).expect("valid");
+    b.handle_timeout(now + MS);
+    assert_eq!(pump(&mut b, &mut a, now + MS), [true]);
+    b.handle_packet(now + MS, path, packet).expect("a duplicate is fine");
+    assert_eq!(
+        pump(&mut b, &mut a, now + MS),
+        [true],
+        "a resend is acknowledged at once"
+    );
+
+    // A zero delay: always at once.
+    let config = Config {
+        ack_delay: Duration::ZERO,
+        ..Config::default()
+    };
+    let (mut a, mut b) = session_pair(config, now);
+    a.send(STREAM, Bytes::from_static(b"ping")).expect("send");
+    assert_eq!(pump(&mut a, &mut b, now), [false]);
+    assert_eq!(pump(&mut b, &mut a, now), [true]);
+}

@@ -128,6 +128,12 @@ pub struct Config {
     pub min_rto: Duration,
     /// Upper bound of the retransmission timeout (also of its backoff).
     pub max_rto: Duration,
+    /// How long an acknowledgement of a lone packet may wait for data going
+    /// the other way on its path, to leave in the same write (an answer to
+    /// the message it acknowledges, typically): one write and one wake-up of
+    /// the peer instead of two. Two or more packets unacknowledged, a hole,
+    /// or a stream's end are acknowledged at once. Zero: always at once.
+    pub ack_delay: Duration,
 }
 
 impl Default for Config {
@@ -141,6 +147,7 @@ impl Default for Config {
             initial_rtt: Duration::from_millis(50),
             min_rto: Duration::from_millis(1),
             max_rto: Duration::from_secs(5),
+            ack_delay: Duration::from_micros(200),
         }
     }
 }

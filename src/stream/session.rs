@@ -60,9 +60,11 @@ enum Timer {
     Rto = 0,
     /// A packet below a newer acknowledged one reaches its loss delay.
     Loss = 1,
+    /// Pending acknowledgements are due (see [`Config::ack_delay`]).
+    Ack = 2,
 }
 
-const TIMER_COUNT: usize = 2;
+const TIMER_COUNT: usize = 3;
 
 #[derive(Debug)]
 struct Path {
@@ -74,6 +76,8 @@ struct Path {
     backoff: u32,
     /// Streams owed an acknowledgement on this path, with the timepoint to echo.
     pending_acks: Vec<(StreamId, i64)>,
+    /// Packets received since this path last sent an acknowledgement.
+    unacked_packets: u32,
     /// Highest received_max_offset the peer reported per stream on this path.
     sack_hint: HashMap<StreamId, u64>,
     timers: [Option<Instant>; TIMER_COUNT],
@@ -173,6 +177,7 @@ impl Session {
                 in_flight_bytes: 0,
                 backoff: 0,
                 pending_acks: Vec::new(),
+                unacked_packets: 0,
                 sack_hint: HashMap::new(),
                 timers: [None; TIMER_COUNT],
                 closing: None,
@@ -279,6 +284,8 @@ impl Session {
             path.in_flight.clear();
             path.in_flight_bytes = 0;
             path.pending_acks.clear();
+            path.unacked_packets = 0;
+            path.timers[Timer::Ack as usize] = None;
             path.sack_hint.clear();
             path.timers = [None; TIMER_COUNT];
         }
@@ -379,7 +386,7 @@ impl Session {
     }
 
     /// A packet arrived on `path`.
-    pub fn handle_packet(&mut self, _now: Instant, path_id: PathId, packet: Packet) -> Result<(), ProtocolError> {
+    pub fn handle_packet(&mut self, now: Instant, path_id: PathId, packet: Packet) -> Result<(), ProtocolError> {
         if packet.has_flag(AtbusPacketFlagType::FinishConnection) {
             let reason = packet.fragments.into_iter().find_map(|f| f.close_reason);
             self.remove_path(path_id);
@@ -410,11 +417,23 @@ impl Session {
         let window = self.config.recv_window.saturating_sub(queued) as u64;
         let limit = recv_limit(recv, window);
         let fin = packet.has_flag(AtbusPacketFlagType::FinishStream);
+        let contiguous = recv.ack_offset();
         recv.insert(offset, packet.fragments, fin, limit);
         match path.pending_acks.iter_mut().find(|(id, _)| *id == stream_id) {
             Some(entry) => entry.1 = packet.timepoint,
             None => path.pending_acks.push((stream_id, packet.timepoint)),
         }
+        path.unacked_packets = path.unacked_packets.saturating_add(1);
+        // A lone packet's acknowledgement may wait a little for data going
+        // back (see `Config::ack_delay`); a burst, a hole (the sender needs
+        // the selective ranges to resend), a packet that moved nothing (a
+        // resend: the sender is waiting) or a stream's end may not.
+        let hole = recv.max_received() > recv.ack_offset();
+        let stale = recv.ack_offset() == contiguous;
+        let at_once = path.unacked_packets >= 2 || hole || stale || fin;
+        let due = if at_once { now } else { now + self.config.ack_delay };
+        let timer = &mut path.timers[Timer::Ack as usize];
+        *timer = Some(timer.map_or(due, |t| t.min(due)));
         let events = if self.peer_urgent.contains(&stream_id) {
             &mut self.urgent_events
         } else {
@@ -592,10 +611,18 @@ impl Session {
         if let Some(transmit) = self.poll_control() {
             return Some(transmit);
         }
-        if let Some(transmit) = self.poll_ack() {
+        if let Some(transmit) = self.poll_ack(now) {
             return Some(transmit);
         }
-        self.poll_data(now)
+        let transmit = self.poll_data(now)?;
+        // Data leaves on this path now: its acknowledgements go with it.
+        if let Transmit::Packet { path, .. } = &transmit
+            && let Some(path) = self.paths.get_mut(path)
+            && !path.pending_acks.is_empty()
+        {
+            path.timers[Timer::Ack as usize] = Some(now);
+        }
+        Some(transmit)
     }
 
     fn poll_control(&mut self) -> Option<Transmit> {
@@ -621,11 +648,19 @@ impl Session {
         })
     }
 
-    fn poll_ack(&mut self) -> Option<Transmit> {
+    fn poll_ack(&mut self, now: Instant) -> Option<Transmit> {
         for (id, path) in self.paths.iter_mut() {
+            if path.timers[Timer::Ack as usize].is_none_or(|t| t > now) {
+                continue;
+            }
             let Some((stream_id, echo)) = path.pending_acks.pop() else {
+                path.timers[Timer::Ack as usize] = None;
                 continue;
             };
+            if path.pending_acks.is_empty() {
+                path.timers[Timer::Ack as usize] = None;
+                path.unacked_packets = 0;
+            }
             let Some(recv) = self.recv.get(&stream_id) else {
                 continue;
             };
