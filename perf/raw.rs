@@ -219,8 +219,8 @@ fn timed_round_trips(trips: usize, total: usize, mut round_trip: impl FnMut()) -
 }
 
 /// A connected byte-stream socket of either kind.
-trait Duplex: Read + Write + Send {}
-impl<T: Read + Write + Send> Duplex for T {}
+trait Duplex: Read + Write + std::os::fd::AsRawFd + Send {}
+impl<T: Read + Write + std::os::fd::AsRawFd + Send> Duplex for T {}
 
 /// Two ends of a fresh tcp or unix connection.
 fn stream_pair(transport: &str) -> (Box<dyn Duplex>, Box<dyn Duplex>) {
@@ -364,21 +364,10 @@ fn udp_echo(b: UdpSocket, total: usize) -> thread::JoinHandle<()> {
 /// anything of the bus. tcp and unix only.
 pub fn handoff_rtt(transport: &str, trips: usize) -> Option<Histogram<u64>> {
     let kind = raw_kind(transport);
-    let (a, b): (Box<dyn PollDuplex>, Box<dyn PollDuplex>) = match kind {
-        "unix" => {
-            let (a, b) = UnixStream::pair().expect("pair");
-            (Box::new(a), Box::new(b))
-        }
-        "tcp" => {
-            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-            let a = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-            let (b, _) = listener.accept().expect("accept");
-            let _ = a.set_nodelay(true);
-            let _ = b.set_nodelay(true);
-            (Box::new(a), Box::new(b))
-        }
-        _ => return None,
-    };
+    if kind != "tcp" && kind != "unix" {
+        return None;
+    }
+    let (a, b) = stream_pair(kind);
     let total = trips + (trips / 10).max(10);
     let echo = thread::spawn(move || {
         pin(1);
@@ -400,9 +389,6 @@ pub fn handoff_rtt(transport: &str, trips: usize) -> Option<Histogram<u64>> {
     Some(hist)
 }
 
-trait PollDuplex: Read + Write + std::os::fd::AsRawFd + Send {}
-impl<T: Read + Write + std::os::fd::AsRawFd + Send> PollDuplex for T {}
-
 /// An application thread's side of [`handoff_rtt`]: its I/O thread and the
 /// channels to and from it.
 struct HandoffEnd {
@@ -415,7 +401,7 @@ struct HandoffEnd {
 impl HandoffEnd {
     /// Starts the I/O thread on `core`; it ends after `total` messages each
     /// way.
-    fn start(mut socket: Box<dyn PollDuplex>, core: usize, total: usize) -> Self {
+    fn start(mut socket: Box<dyn Duplex>, core: usize, total: usize) -> Self {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         // SAFETY: eventfd returns a new descriptor (or -1, checked).
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
