@@ -65,18 +65,29 @@ fn configs_with(
 }
 
 /// Waits for the `# node ... listening` line on stderr.
-fn wait_listening(child: &mut std::process::Child) {
+fn wait_listening(child: &mut std::process::Child) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
     let stderr = child.stderr.take().expect("piped stderr");
     let mut lines = BufReader::new(stderr).lines();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     loop {
         match lines.next() {
-            Some(Ok(line)) if line.contains("listening on") => break,
-            Some(Ok(_)) => {}
+            Some(Ok(line)) if line.contains("listening on") => {
+                seen.lock().unwrap().push(line);
+                break;
+            }
+            Some(Ok(line)) => seen.lock().unwrap().push(line),
             other => panic!("the node did not start: {other:?}"),
         }
     }
-    // Keep draining so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep draining so the child never blocks on a full pipe; the lines are
+    // kept for failure messages.
+    let kept = seen.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            kept.lock().unwrap().push(line);
+        }
+    });
+    seen
 }
 
 #[test]
@@ -133,7 +144,7 @@ fn send_and_recv(receiver_config: &std::path::Path, sender_config: &std::path::P
         .stderr(Stdio::piped())
         .spawn()
         .expect("recv starts");
-    wait_listening(&mut child);
+    let receiver_log = wait_listening(&mut child);
     let sent = Command::new(ATBUS)
         .args([
             "send", "--to", receiver, "--stream", "3", "--count", &count, "--size", "100", "--config",
@@ -141,7 +152,19 @@ fn send_and_recv(receiver_config: &std::path::Path, sender_config: &std::path::P
         .arg(sender_config)
         .output()
         .expect("send runs");
-    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    if !sent.status.success() {
+        // Once (CI, 2026-11-26) the sender's dials were refused for 10 s
+        // after the receiver had said it was listening: say what the
+        // receiver did.
+        let running = child.try_wait().expect("receiver status");
+        let _ = child.kill();
+        panic!(
+            "sender failed:\n{}\nreceiver ({}):\n{}",
+            String::from_utf8_lossy(&sent.stderr),
+            running.map_or("still running".to_string(), |s| format!("exited: {s}")),
+            receiver_log.lock().unwrap().join("\n")
+        );
+    }
     let out = child.wait_with_output().expect("recv exits");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
