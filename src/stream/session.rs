@@ -285,7 +285,6 @@ impl Session {
             path.in_flight_bytes = 0;
             path.pending_acks.clear();
             path.unacked_packets = 0;
-            path.timers[Timer::Ack as usize] = None;
             path.sack_hint.clear();
             path.timers = [None; TIMER_COUNT];
         }
