@@ -51,14 +51,7 @@ pub fn raw_kind(transport: &str) -> &str {
 /// Messages/s of the same traffic over a bare socket, and messages lost.
 pub fn baseline_throughput(transport: &str, payload: usize, messages: u64) -> (f64, u64) {
     match raw_kind(transport) {
-        kind @ ("tcp" | "unix") => {
-            let (tx, rx) = stream_pair(kind);
-            let reader = thread::spawn(move || {
-                pin(1);
-                read_framed(rx, payload, messages)
-            });
-            (messages as f64 / write_framed(tx, payload, messages, reader), 0)
-        }
+        kind @ ("tcp" | "unix") => (framed_throughput(kind, payload, messages, false), 0),
         "udp" => udp_throughput(payload, messages),
         "mem" => {
             let (tx, rx) = crossbeam_channel::bounded::<Bytes>(65_536);
@@ -82,28 +75,71 @@ pub fn baseline_throughput(transport: &str, payload: usize, messages: u64) -> (f
     }
 }
 
-fn write_framed(socket: impl Write, payload: usize, messages: u64, rx: thread::JoinHandle<Instant>) -> f64 {
+/// The bare tcp or unix baseline (`hashed`: with the frame hash, see
+/// [`hashed_baseline_throughput`]), in messages/s.
+fn framed_throughput(kind: &str, payload: usize, messages: u64, hashed: bool) -> f64 {
+    let (tx, rx) = stream_pair(kind);
+    let reader = thread::spawn(move || {
+        pin(1);
+        read_framed(rx, payload, messages, hashed)
+    });
+    messages as f64 / write_framed(tx, payload, messages, reader, hashed)
+}
+
+/// Messages/s of the tcp or unix baseline when each message also carries
+/// the wire format's frame hash (xxh3-64 of its bytes, low 32 bits; design
+/// "Wire format"), computed by the sender and checked by the receiver: the
+/// one per-byte cost any implementation of the protocol pays beside the
+/// sockets' own. `None` for other transports.
+pub fn hashed_baseline_throughput(transport: &str, payload: usize, messages: u64) -> Option<f64> {
+    match raw_kind(transport) {
+        kind @ ("tcp" | "unix") => Some(framed_throughput(kind, payload, messages, true)),
+        _ => None,
+    }
+}
+
+fn write_framed(
+    socket: impl Write,
+    payload: usize,
+    messages: u64,
+    rx: thread::JoinHandle<Instant>,
+    hashed: bool,
+) -> f64 {
     pin(0);
     let data = vec![0xa5u8; payload];
+    let len = (payload + if hashed { 4 } else { 0 }) as u32;
     let mut out = BufWriter::with_capacity(256 * 1024, socket);
     let started = Instant::now();
     for _ in 0..messages {
-        out.write_all(&(payload as u32).to_le_bytes()).expect("write");
+        out.write_all(&len.to_le_bytes()).expect("write");
         out.write_all(&data).expect("write");
+        if hashed {
+            // `black_box`: the same buffer every time, hashed every time.
+            let hash = libatbus::frame::frame_hash(std::hint::black_box(&data));
+            out.write_all(&hash.to_le_bytes()).expect("write");
+        }
     }
     out.flush().expect("flush");
     let done = rx.join().expect("reader");
     (done - started).as_secs_f64()
 }
 
-fn read_framed(socket: impl Read, payload: usize, messages: u64) -> Instant {
+fn read_framed(socket: impl Read, payload: usize, messages: u64, hashed: bool) -> Instant {
     let mut input = BufReader::with_capacity(256 * 1024, socket);
-    let mut buf = vec![0u8; payload];
+    let mut buf = vec![0u8; payload + 4];
     let mut len = [0u8; 4];
     for _ in 0..messages {
         input.read_exact(&mut len).expect("read");
         let n = u32::from_le_bytes(len) as usize;
         input.read_exact(&mut buf[..n]).expect("read");
+        if hashed {
+            let (body, carried) = buf[..n].split_at(n - 4);
+            assert_eq!(
+                libatbus::frame::frame_hash(body).to_le_bytes(),
+                carried,
+                "frame hash mismatch in the baseline"
+            );
+        }
     }
     Instant::now()
 }

@@ -35,7 +35,8 @@ use hdrhistogram::Histogram;
 mod raw;
 use libatbus::node::{Message, Node, NodeConfig};
 use raw::{
-    BULK, PING, baseline_rtt, baseline_throughput, baseline_under_bulk, handoff_rtt, histogram, pin, static_payload,
+    BULK, PING, baseline_rtt, baseline_throughput, baseline_under_bulk, handoff_rtt, hashed_baseline_throughput,
+    histogram, pin, static_payload,
 };
 use serde::Serialize;
 
@@ -112,6 +113,10 @@ struct Throughput<'a> {
     /// Baseline messages lost (udp only: raw datagrams have no resend).
     baseline_lost: u64,
     ratio: f64,
+    /// tcp, unix: the same bare sockets with each message's frame hash
+    /// computed and checked (`raw::hashed_baseline_throughput`), measured in
+    /// the same run: the ceiling of any implementation of the wire format.
+    hashed_baseline_msgs_per_sec: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -207,13 +212,18 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
                     eprintln!("# {transport}{label} {payload} B: {} s ...", args.seconds);
                     let (messages, ours) = pair.throughput(payload, Duration::from_secs_f64(args.seconds), stream)?;
                     // One baseline per size, moving the plain case's count.
-                    let (base, lost) = match plain {
+                    let (base, lost, hashed) = match plain {
                         Some(measured) => measured,
                         None => {
-                            let measured = isolated({
+                            let (base, lost) = isolated({
                                 let transport = transport_name.clone();
                                 move || baseline_throughput(&transport, payload, messages)
                             });
+                            let hashed = isolated({
+                                let transport = transport_name.clone();
+                                move || hashed_baseline_throughput(&transport, payload, messages)
+                            });
+                            let measured = (base, lost, hashed);
                             plain = Some(measured);
                             measured
                         }
@@ -230,6 +240,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
                         baseline_mb_per_sec: base * payload as f64 / 1e6,
                         baseline_lost: lost,
                         ratio: ours / base,
+                        hashed_baseline_msgs_per_sec: hashed,
                     });
                 }
             }
