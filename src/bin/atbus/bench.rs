@@ -417,7 +417,7 @@ impl Handlers {
             urgent,
             done,
         });
-        send(&pair.a, PEER_B, stream, static_payload(0x11u8, PING), urgent);
+        send(&pair.a, PEER_B, stream, &static_payload(0x11u8, PING), urgent);
         finished
             .recv_timeout(Duration::from_secs(120))
             .map_err(|_| "the handler ping-pong stalled".to_string())?
@@ -741,7 +741,7 @@ impl Pair {
             let mut sent = 0u64;
             while started.elapsed() < period {
                 for _ in 0..256 {
-                    send(&a, PEER_B, stream, data.clone(), false);
+                    send(&a, PEER_B, stream, &data, false);
                 }
                 sent += 256;
             }
@@ -785,8 +785,8 @@ impl Pair {
                     continue;
                 };
                 match stream_id {
-                    2 | E2E_PING => send(&b, PEER_A, stream_id, data, false),
-                    3 => send(&b, PEER_A, 3, data, true),
+                    2 | E2E_PING => send(&b, PEER_A, stream_id, &data, false),
+                    3 => send(&b, PEER_A, 3, &data, true),
                     _ => bulk += data.len() as u64,
                 }
             }
@@ -840,7 +840,7 @@ fn bulk_sender(a: Arc<Node>, stop: Arc<AtomicBool>, rate_mb: f64) -> thread::Joi
         let started = Instant::now();
         let mut sent = 0f64;
         while !stop.load(Ordering::Acquire) {
-            send(&a, PEER_B, 1, data.clone(), false);
+            send(&a, PEER_B, 1, &data, false);
             sent += BULK as f64;
             if rate_mb > 0.0 {
                 let due = Duration::from_secs_f64(sent / (rate_mb * 1e6));
@@ -852,7 +852,9 @@ fn bulk_sender(a: Arc<Node>, stop: Arc<AtomicBool>, rate_mb: f64) -> thread::Joi
     })
 }
 
-fn send(node: &Node, peer: &str, stream: i64, data: Bytes, urgent: bool) {
+/// Sends one message, waiting while the way is full. By reference: one
+/// clone per attempt, as an application that keeps its buffer would.
+fn send(node: &Node, peer: &str, stream: i64, data: &Bytes, urgent: bool) {
     loop {
         let since = node.writable_generation();
         let sent = if urgent {
@@ -876,7 +878,7 @@ fn ping(node: &Node, trips: usize, stream: i64, urgent: bool) -> Histogram<u64> 
     let warmup = (trips / 10).max(10);
     for i in 0..trips + warmup {
         let started = Instant::now();
-        send(node, PEER_B, stream, data.clone(), urgent);
+        send(node, PEER_B, stream, &data, urgent);
         loop {
             match node.recv_timeout(Duration::from_secs(10)) {
                 Some(m) if m.stream_id == stream => break,
