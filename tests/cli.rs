@@ -130,6 +130,11 @@ fn demo_runs_and_exits_cleanly() {
     }
     assert!(stdout.contains("0 bad frames"), "{stdout}");
     assert!(stdout.contains("frames forwarded"), "{stdout}");
+    // Senders stop first and the nodes only once everything is
+    // acknowledged: stopping them drops nothing.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("every message acknowledged"), "{stdout}\n{stderr}");
+    assert!(!stderr.contains("messages dropped"), "{stdout}\n{stderr}");
 }
 
 /// `atbus recv --count N` with `receiver_config`, then `atbus send` of N

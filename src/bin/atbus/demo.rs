@@ -156,20 +156,24 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     }
     let links = Arc::new(links);
     let epoch = Instant::now();
-    let running = Arc::new(AtomicBool::new(true));
-    let mut threads = Vec::new();
+    // Senders stop first; receivers go on until every node's data is
+    // acknowledged, so that stopping the nodes drops nothing.
+    let sending = Arc::new(AtomicBool::new(true));
+    let receiving = Arc::new(AtomicBool::new(true));
+    let mut senders = Vec::new();
     for link in links.iter() {
         let (sender, peer) = (nodes[link.from].clone(), nodes[link.to].name().to_string());
-        let (running, rate, size) = (running.clone(), args.rate, args.size);
-        threads.push(thread::spawn(move || {
-            send_loop(&sender, &peer, &running, rate, size, epoch)
+        let (sending, rate, size) = (sending.clone(), args.rate, args.size);
+        senders.push(thread::spawn(move || {
+            send_loop(&sender, &peer, &sending, rate, size, epoch)
         }));
     }
+    let mut receivers = Vec::new();
     for (index, node) in nodes.iter().enumerate() {
-        let (node, links, running) = (node.clone(), links.clone(), running.clone());
+        let (node, links, receiving) = (node.clone(), links.clone(), receiving.clone());
         let names: Vec<String> = specs_names();
-        threads.push(thread::spawn(move || {
-            receive_loop(&node, index, &names, &links, &running, epoch)
+        receivers.push(thread::spawn(move || {
+            receive_loop(&node, index, &names, &links, &receiving, epoch)
         }));
     }
 
@@ -202,14 +206,30 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
             );
         }
     }
-    running.store(false, Ordering::Release);
+    sending.store(false, Ordering::Release);
     let mut failures = Vec::new();
-    for t in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failures.push(e),
-            Err(_) => failures.push("a demo thread panicked".to_string()),
+    let mut join = |threads: Vec<thread::JoinHandle<Result<(), String>>>| {
+        for t in threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(e),
+                Err(_) => failures.push("a demo thread panicked".to_string()),
+            }
         }
+    };
+    join(senders);
+    let unsent = drain(&nodes, DRAIN_TIMEOUT);
+    receiving.store(false, Ordering::Release);
+    join(receivers);
+    match unsent {
+        Ok(waited) => println!(
+            "=== every message acknowledged {:.0} ms after the senders stopped",
+            waited.as_secs_f64() * 1e3
+        ),
+        Err(busy) => failures.push(format!(
+            "not drained {DRAIN_TIMEOUT:?} after the senders stopped: {}",
+            busy.join("; ")
+        )),
     }
     let elapsed = started.elapsed().as_secs_f64();
     let total: u64 = links.iter().map(|l| l.received.load(Ordering::Relaxed)).sum();
@@ -272,6 +292,32 @@ fn describe(route: Option<RouteInfo>) -> String {
 
 fn micros_since(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// How long the senders' last messages may take to be acknowledged.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until no node holds unacknowledged data or unsent messages (the
+/// receivers still reading); how long that took, or what is still held.
+fn drain(nodes: &[Arc<Node>], timeout: Duration) -> Result<Duration, Vec<String>> {
+    let started = Instant::now();
+    loop {
+        let busy: Vec<String> = nodes
+            .iter()
+            .flat_map(|node| {
+                node.unsafe_to_delete(Duration::from_millis(200))
+                    .into_iter()
+                    .map(move |why| format!("{}: {why}", node.name()))
+            })
+            .collect();
+        if busy.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() >= timeout {
+            return Err(busy);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Bulk messages at `rate` per second, and a ping every millisecond.
