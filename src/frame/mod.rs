@@ -206,6 +206,26 @@ pub fn frame_hash(bytes: &[u8]) -> u32 {
     xxh3_64_with_seed(bytes, HASH_SEED) as u32
 }
 
+/// What a frame carries, as the encoder needs it: its protobuf length and
+/// bytes. [`FrameMessage`] is one; the stream layer has another that writes a
+/// packet's fragments straight into the frame (`stream::PacketFrame`).
+pub trait FrameBody {
+    /// Length of the protobuf encoding.
+    fn body_len(&self) -> usize;
+    /// Appends the protobuf encoding (exactly [`FrameBody::body_len`] bytes).
+    fn encode_body(&self, dst: &mut BytesMut);
+}
+
+impl FrameBody for FrameMessage {
+    fn body_len(&self) -> usize {
+        self.encoded_len()
+    }
+
+    fn encode_body(&self, dst: &mut BytesMut) {
+        self.encode_raw(dst);
+    }
+}
+
 /// Writes frames.
 #[derive(Clone, Debug, Default)]
 pub struct Encoder {
@@ -219,15 +239,15 @@ impl Encoder {
     }
 
     /// Bytes `msg` will occupy on the wire.
-    pub fn encoded_len(&self, msg: &FrameMessage) -> usize {
-        let body = msg.encoded_len();
+    pub fn encoded_len(&self, msg: &impl FrameBody) -> usize {
+        let body = msg.body_len();
         varint_len(PROTOCOL_VERSION) + varint_len(body as u64) + body + HASH_LEN
     }
 
     /// Appends one frame holding `msg` to `dst`, reserving exactly the space it
     /// needs, and returns the number of bytes written.
-    pub fn encode(&self, msg: &FrameMessage, dst: &mut BytesMut) -> Result<usize, EncodeError> {
-        let body = msg.encoded_len();
+    pub fn encode(&self, msg: &impl FrameBody, dst: &mut BytesMut) -> Result<usize, EncodeError> {
+        let body = msg.body_len();
         if body > self.config.max_frame_len {
             return Err(EncodeError::FrameTooLarge {
                 length: body,
@@ -239,7 +259,7 @@ impl Encoder {
         let start = dst.len();
         prost::encoding::encode_varint(PROTOCOL_VERSION, dst);
         prost::encoding::encode_varint(body as u64, dst);
-        msg.encode_raw(dst);
+        msg.encode_body(dst);
         let hash = frame_hash(&dst[start..]);
         dst.put_u32_le(hash);
         debug_assert_eq!(dst.len() - start, total);

@@ -16,7 +16,7 @@ use crate::address::Address;
 use crate::frame::Encoder;
 use crate::proto::{Body, FrameMessage, PingData};
 use crate::runtime::{self, TaskClass};
-use crate::stream::{Event, PathConfig, PathId, Session, StreamId};
+use crate::stream::{Event, PacketFrame, PathConfig, PathId, Session, StreamId, Transmit};
 
 thread_local! {
     static LOCAL: RefCell<Option<Rc<ShardState>>> = const { RefCell::new(None) };
@@ -248,16 +248,34 @@ impl PathIo {
             frame.head = Some(head.clone());
         }
         let result = encoder.encode(&frame, &mut self.out);
-        if let Ok(n) = result {
-            self.counts.tx_frames += 1;
-            self.counts.tx_bytes += n as u64;
-        }
-        match result {
-            Ok(_) if self.datagram => {
-                let datagram = self.out.split().freeze();
-                self.datagrams.push_back(datagram);
+        self.encoded(result);
+    }
+
+    /// Encodes what the session has to send: stream packets straight from
+    /// their fragments (one copy of each payload), acknowledgements as frames.
+    fn push_transmit(&mut self, encoder: &Encoder, transmit: Transmit) {
+        match transmit {
+            Transmit::Packet { packet, .. } => {
+                let body = PacketFrame::new(self.head.as_ref(), &packet);
+                let result = encoder.encode(&body, &mut self.out);
+                self.encoded(result);
             }
-            Ok(_) => {}
+            ack @ Transmit::Ack { .. } => self.push_frame(encoder, ack.into_frame()),
+        }
+    }
+
+    /// Counts a frame just appended to `out` (a datagram link takes it out
+    /// as one datagram).
+    fn encoded(&mut self, result: Result<usize, crate::frame::EncodeError>) {
+        match result {
+            Ok(n) => {
+                self.counts.tx_frames += 1;
+                self.counts.tx_bytes += n as u64;
+                if self.datagram {
+                    let datagram = self.out.split().freeze();
+                    self.datagrams.push_back(datagram);
+                }
+            }
             // Only an oversized frame fails, and the session cuts by MTU.
             Err(e) => tracing::error!("cannot encode a frame: {e}"),
         }
@@ -327,7 +345,7 @@ impl EndpointState {
             let Some(path) = self.paths.get_mut(&id) else {
                 continue;
             };
-            path.push_frame(&shard.encoder, transmit.into_frame());
+            path.push_transmit(&shard.encoder, transmit);
             if path.buffered() >= batch {
                 self.session.set_path_blocked(id, true);
             }

@@ -44,12 +44,16 @@ mod session;
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use prost::Message;
+use prost::encoding;
 
 pub use session::{PathStats, Session};
 
-use crate::proto::{AcknowledgeData, AtbusPacketFlagType, Body, Fragment, FrameMessage, PacketContent, PacketData};
+use crate::frame::FrameBody;
+use crate::proto::{
+    AcknowledgeData, AtbusPacketFlagType, Body, Fragment, FrameMessage, MessageHead, PacketContent, PacketData,
+};
 
 /// Stream identifier; negative ids are internal (handshake, commands).
 pub type StreamId = i64;
@@ -336,7 +340,8 @@ impl Packet {
     }
 
     /// Encodes into `packet_data` (the fragments are serialised into
-    /// `content`: the one copy, on the way to the wire).
+    /// `content`, a copy of every payload; the node's paths skip it and frame
+    /// packets with [`PacketFrame`]).
     pub fn into_data(self) -> PacketData {
         let content = PacketContent {
             fragment: self.fragments,
@@ -348,6 +353,101 @@ impl Packet {
             flags: self.flags,
             padding_size: 0,
             timepoint_microseconds: self.timepoint,
+        }
+    }
+}
+
+/// A stream packet as a whole frame body, `frame_message { head, packet }`,
+/// written without first serialising the fragments into a `content` buffer of
+/// their own: each payload is copied once, from the sender's message into the
+/// frame. The bytes are exactly those of [`Transmit::into_frame`] with the same
+/// head (the tests compare them).
+#[derive(Clone, Copy, Debug)]
+pub struct PacketFrame<'a> {
+    head: Option<&'a MessageHead>,
+    packet: &'a Packet,
+    /// Length of `packet_content { fragment... }`, computed once (a packet
+    /// may hold hundreds of small fragments).
+    content: usize,
+}
+
+/// `frame_message.packet`'s field number.
+const FRAME_PACKET_TAG: u32 = 7;
+/// `frame_message.head`'s field number.
+const FRAME_HEAD_TAG: u32 = 1;
+
+impl<'a> PacketFrame<'a> {
+    /// `packet` in a frame with `head` (the path's tunnel head, if any).
+    pub fn new(head: Option<&'a MessageHead>, packet: &'a Packet) -> Self {
+        Self {
+            head,
+            packet,
+            content: encoding::message::encoded_len_repeated(1, &packet.fragments),
+        }
+    }
+
+    /// Length of `packet_data`, given its content's. Fields at their default
+    /// are left out, as prost does.
+    fn data_len(&self, content: usize) -> usize {
+        let p = self.packet;
+        let offset = p.offset as i64;
+        let mut len = 0;
+        if p.stream_id != 0 {
+            len += encoding::int64::encoded_len(1, &p.stream_id);
+        }
+        if offset != 0 {
+            len += encoding::int64::encoded_len(2, &offset);
+        }
+        if content != 0 {
+            len += encoding::key_len(3) + encoding::encoded_len_varint(content as u64) + content;
+        }
+        if p.flags != 0 {
+            len += encoding::int32::encoded_len(4, &p.flags);
+        }
+        if p.timepoint != 0 {
+            len += encoding::int64::encoded_len(6, &p.timepoint);
+        }
+        len
+    }
+}
+
+impl FrameBody for PacketFrame<'_> {
+    fn body_len(&self) -> usize {
+        let data = self.data_len(self.content);
+        let head = self
+            .head
+            .map_or(0, |h| encoding::message::encoded_len(FRAME_HEAD_TAG, h));
+        head + encoding::key_len(FRAME_PACKET_TAG) + encoding::encoded_len_varint(data as u64) + data
+    }
+
+    fn encode_body(&self, dst: &mut BytesMut) {
+        use encoding::WireType::LengthDelimited;
+        let p = self.packet;
+        if let Some(head) = self.head {
+            encoding::message::encode(FRAME_HEAD_TAG, head, dst);
+        }
+        let content = self.content;
+        encoding::encode_key(FRAME_PACKET_TAG, LengthDelimited, dst);
+        encoding::encode_varint(self.data_len(content) as u64, dst);
+        let offset = p.offset as i64;
+        if p.stream_id != 0 {
+            encoding::int64::encode(1, &p.stream_id, dst);
+        }
+        if offset != 0 {
+            encoding::int64::encode(2, &offset, dst);
+        }
+        if content != 0 {
+            encoding::encode_key(3, LengthDelimited, dst);
+            encoding::encode_varint(content as u64, dst);
+            for fragment in &p.fragments {
+                encoding::message::encode(1, fragment, dst);
+            }
+        }
+        if p.flags != 0 {
+            encoding::int32::encode(4, &p.flags, dst);
+        }
+        if p.timepoint != 0 {
+            encoding::int64::encode(6, &p.timepoint, dst);
         }
     }
 }
@@ -389,5 +489,127 @@ impl Transmit {
             head: None,
             body: Some(body),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::frame::Encoder;
+    use crate::proto::CloseReasonData;
+
+    /// The frame `Transmit::into_frame` makes, with `head`, encoded by prost.
+    fn via_frame_message(head: Option<&MessageHead>, packet: &Packet) -> BytesMut {
+        let mut frame = Transmit::Packet {
+            path: PathId(0),
+            packet: packet.clone(),
+        }
+        .into_frame();
+        frame.head = head.cloned();
+        let mut out = BytesMut::new();
+        Encoder::default().encode(&frame, &mut out).expect("encodes");
+        out
+    }
+
+    fn via_packet_frame(head: Option<&MessageHead>, packet: &Packet) -> BytesMut {
+        let body = PacketFrame::new(head, packet);
+        let mut out = BytesMut::new();
+        let n = Encoder::default().encode(&body, &mut out).expect("encodes");
+        assert_eq!(n, out.len());
+        assert_eq!(Encoder::default().encoded_len(&body), n);
+        out
+    }
+
+    fn fragment() -> impl Strategy<Value = Fragment> {
+        (
+            0..3i32,
+            proptest::collection::vec(any::<u8>(), 0..300),
+            any::<i32>(),
+            proptest::option::of(("[a-z]{0,8}", "[a-z]{0,8}")),
+            proptest::option::of((any::<i32>(), "[a-z ]{0,12}")),
+        )
+            .prop_map(|(packet_type, data, fragment_flag, label, close)| Fragment {
+                packet_type,
+                data: Bytes::from(data),
+                fragment_flag,
+                labels: label.into_iter().collect::<BTreeMap<_, _>>(),
+                close_reason: close.map(|(code, message)| CloseReasonData { code, message }),
+                ..Fragment::default()
+            })
+    }
+
+    fn head() -> impl Strategy<Value = MessageHead> {
+        ("[a-z.]{0,12}", "[a-z.]{0,12}", any::<i32>(), any::<u64>()).prop_map(|(source, destination, hops, tunnel)| {
+            MessageHead {
+                source,
+                destination,
+                hops,
+                tunnel,
+                ..MessageHead::default()
+            }
+        })
+    }
+
+    fn packet() -> impl Strategy<Value = Packet> {
+        (
+            prop_oneof![Just(0i64), any::<i64>()],
+            prop_oneof![Just(0u64), any::<u64>()],
+            prop_oneof![Just(0i32), any::<i32>()],
+            prop_oneof![Just(0i64), any::<i64>()],
+            proptest::collection::vec(fragment(), 0..4),
+        )
+            .prop_map(|(stream_id, offset, flags, timepoint, fragments)| Packet {
+                stream_id,
+                offset,
+                flags,
+                timepoint,
+                fragments,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn packet_frame_matches_the_frame_message_encoding(
+            head in proptest::option::of(head()),
+            packet in packet(),
+        ) {
+            prop_assert_eq!(via_packet_frame(head.as_ref(), &packet), via_frame_message(head.as_ref(), &packet));
+        }
+    }
+
+    #[test]
+    fn a_large_fragment_is_framed_like_prost_frames_it() {
+        // Lengths past one- and two-byte varints at every level.
+        let packet = Packet {
+            stream_id: 3,
+            offset: 1 << 40,
+            flags: 0,
+            timepoint: 123_456_789,
+            fragments: vec![
+                Fragment {
+                    data: Bytes::from(vec![7u8; 16_384]),
+                    fragment_flag: 1,
+                    ..Fragment::default()
+                },
+                Fragment {
+                    data: Bytes::from(vec![9u8; 200]),
+                    ..Fragment::default()
+                },
+            ],
+        };
+        let head = MessageHead {
+            source: "a.b".into(),
+            tunnel: 9,
+            ..MessageHead::default()
+        };
+        assert_eq!(via_packet_frame(None, &packet), via_frame_message(None, &packet));
+        assert_eq!(
+            via_packet_frame(Some(&head), &packet),
+            via_frame_message(Some(&head), &packet)
+        );
     }
 }
