@@ -261,7 +261,18 @@ impl SendStream {
                 break;
             };
             let message_end = offset + data.len() as u64;
-            let take = (data_end.min(message_end) - position).min((left - FRAGMENT_OVERHEAD) as u64);
+            let want = data_end.min(message_end) - position;
+            // A message that fits whole in a packet of its own goes whole into
+            // the next one rather than split: the receiver joins a split
+            // message by copying it (at 16 KiB and a 64 KiB packet, one message
+            // in four was).
+            if !fragments.is_empty()
+                && want > (left - FRAGMENT_OVERHEAD) as u64
+                && want + FRAGMENT_OVERHEAD as u64 <= budget as u64
+            {
+                break;
+            }
+            let take = want.min((left - FRAGMENT_OVERHEAD) as u64);
             let from = (position - offset) as usize;
             let piece = data.slice(from..from + take as usize);
             let has_more = position + take < message_end;
@@ -352,6 +363,35 @@ mod tests {
         }
         assert_eq!(total, 1000);
         assert_eq!(last, Some(false));
+    }
+
+    /// A message that would fit a packet of its own is not split across two
+    /// (the receiver would join it by copy); one larger than a packet is.
+    #[test]
+    fn a_message_that_fits_the_next_packet_is_not_split() {
+        let mut s = stream();
+        for i in 0..3u8 {
+            s.push(Bytes::from(vec![i; 100]), 1 << 20).unwrap();
+        }
+        s.push(Bytes::from(vec![3; 400]), 1 << 20).unwrap();
+        let budget = 250 + 2 * FRAGMENT_OVERHEAD;
+        let whole = |c: &Chunk| {
+            c.fragments
+                .iter()
+                .map(|f| (f.data.len(), f.has_more()))
+                .collect::<Vec<_>>()
+        };
+        let first = s.next_chunk(budget).unwrap();
+        assert_eq!(whole(&first), vec![(100, false), (100, false)], "the third waits");
+        let second = s.next_chunk(budget).unwrap();
+        assert_eq!(
+            whole(&second),
+            vec![(100, false), (150, true)],
+            "a message past the budget is cut"
+        );
+        let third = s.next_chunk(budget).unwrap();
+        assert_eq!(whole(&third), vec![(250, false)]);
+        assert!(s.next_chunk(budget).is_none());
     }
 
     #[test]
