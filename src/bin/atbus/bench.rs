@@ -78,11 +78,14 @@ pub struct BenchArgs {
     e2e: bool,
     /// Also run the ping-pong and the class cases with both applications as
     /// message handlers on the nodes' shards (`Node::set_handler`; rows with
-    /// `"api": "handler"`) instead of threads reading the receive queue.
+    /// `"api": "handler"`) instead of threads reading the receive queue, and
+    /// (without `--pingpong`) the throughput cases with b's application as a
+    /// handler (a's sender is still a thread).
     #[arg(long)]
     handler: bool,
-    /// With `--handler`: only the handler cases (and the raw ping-pong they
-    /// are compared with), not the queue API's ping-pong and class cases.
+    /// With `--handler`: only the handler cases (and the raw baselines they
+    /// are compared with), not the queue API's throughput, ping-pong and
+    /// class cases.
     #[arg(long, requires = "handler")]
     handler_only: bool,
     /// The shards spin this many µs before parking when idle
@@ -103,6 +106,12 @@ const E2E_PING: i64 = 5;
 struct Throughput<'a> {
     kind: &'static str,
     transport: &'a str,
+    /// `queue`: b's application thread reads the receive queue; `handler`:
+    /// b's application is a message handler on its shard. a's sender is an
+    /// application thread in both.
+    api: &'static str,
+    /// `--spin-us`: the shards spun this long before parking.
+    spin_us: u64,
     e2e: bool,
     payload: usize,
     messages: u64,
@@ -203,7 +212,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
         } else {
             &[false]
         };
-        if !args.pingpong {
+        if !args.pingpong && !args.handler_only {
             for &payload in &args.sizes {
                 let mut plain = None;
                 for &e2e in variants {
@@ -231,6 +240,8 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
                     print_json(&Throughput {
                         kind: "throughput",
                         transport,
+                        api: "queue",
+                        spin_us: args.spin_us,
                         e2e,
                         payload,
                         messages,
@@ -294,6 +305,39 @@ fn handler_cases(transport: &str, args: &BenchArgs, base: &Histogram<u64>) -> Re
         "# {transport} ping-pong, handlers: {} round trips ...",
         args.round_trips
     );
+    if !args.pingpong {
+        for &payload in &args.sizes {
+            eprintln!(
+                "# {transport} {payload} B, b's handler receiving: {} s ...",
+                args.seconds
+            );
+            let (messages, ours) = handlers.throughput(&pair, payload, Duration::from_secs_f64(args.seconds))?;
+            let (base, lost) = isolated({
+                let transport = transport.to_string();
+                move || baseline_throughput(&transport, payload, messages)
+            });
+            let hashed = isolated({
+                let transport = transport.to_string();
+                move || hashed_baseline_throughput(&transport, payload, messages)
+            });
+            print_json(&Throughput {
+                kind: "throughput",
+                transport,
+                api: "handler",
+                spin_us: args.spin_us,
+                e2e: false,
+                payload,
+                messages,
+                msgs_per_sec: ours,
+                mb_per_sec: ours * payload as f64 / 1e6,
+                baseline_msgs_per_sec: base,
+                baseline_mb_per_sec: base * payload as f64 / 1e6,
+                baseline_lost: lost,
+                ratio: ours / base,
+                hashed_baseline_msgs_per_sec: hashed,
+            });
+        }
+    }
     let ours = handlers.ping(&pair, args.round_trips, 2, false)?;
     print_json(&Rtt::of(
         transport,
@@ -341,21 +385,33 @@ struct Driver {
 struct Handlers {
     driver: Arc<std::sync::Mutex<Option<Driver>>>,
     bulk_bytes: Arc<AtomicU64>,
+    /// Throughput cases: bulk bytes at which b's handler reports the end.
+    bulk_target: Arc<AtomicU64>,
+    bulk_done: Arc<std::sync::Mutex<Option<crossbeam_channel::Sender<Instant>>>>,
 }
 
 impl Handlers {
     fn install(pair: &Pair) -> Result<Handlers, String> {
         let driver: Arc<std::sync::Mutex<Option<Driver>>> = Arc::default();
         let bulk_bytes = Arc::new(AtomicU64::new(0));
+        let bulk_target = Arc::new(AtomicU64::new(u64::MAX));
+        let bulk_done: Arc<std::sync::Mutex<Option<crossbeam_channel::Sender<Instant>>>> = Arc::default();
         {
-            let bulk_bytes = bulk_bytes.clone();
+            let (bulk_bytes, bulk_target, bulk_done) = (bulk_bytes.clone(), bulk_target.clone(), bulk_done.clone());
             pair.b
                 .set_handler(move |handle, m| {
                     let echoed = match m.stream_id {
                         2 => handle.send(&m.from, 2, m.data),
                         3 => handle.send_urgent(&m.from, 3, m.data),
                         _ => {
-                            bulk_bytes.fetch_add(m.data.len() as u64, Ordering::Relaxed);
+                            let len = m.data.len() as u64;
+                            let total = bulk_bytes.fetch_add(len, Ordering::Relaxed) + len;
+                            if total >= bulk_target.load(Ordering::Acquire)
+                                && let Ok(mut done) = bulk_done.lock()
+                                && let Some(done) = done.take()
+                            {
+                                let _ = done.send(Instant::now());
+                            }
                             Ok(())
                         }
                     };
@@ -400,7 +456,12 @@ impl Handlers {
                 })
                 .map_err(|e| e.to_string())?;
         }
-        Ok(Handlers { driver, bulk_bytes })
+        Ok(Handlers {
+            driver,
+            bulk_bytes,
+            bulk_target,
+            bulk_done,
+        })
     }
 
     /// `trips` round trips (after a tenth as many warm-up ones), the first
@@ -421,6 +482,48 @@ impl Handlers {
         finished
             .recv_timeout(Duration::from_secs(120))
             .map_err(|_| "the handler ping-pong stalled".to_string())?
+    }
+
+    /// One-way messages from an application thread on a to b's handler for
+    /// `period` (stream 1): (messages, messages/s from the first send to the
+    /// handler's last count).
+    fn throughput(&self, pair: &Pair, payload: usize, period: Duration) -> Result<(u64, f64), String> {
+        let (done, finished) = crossbeam_channel::bounded(1);
+        let before = self.bulk_bytes.load(Ordering::Acquire);
+        self.bulk_target.store(u64::MAX, Ordering::Release);
+        *self.bulk_done.lock().map_err(|_| "bulk lock")? = Some(done);
+        let data = static_payload(0xa5u8, payload);
+        let a = pair.a.clone();
+        let (started, sent) = thread::spawn(move || {
+            pin(0);
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while started.elapsed() < period {
+                for _ in 0..256 {
+                    send(&a, PEER_B, 1, &data, false);
+                }
+                sent += 256;
+            }
+            (started, sent)
+        })
+        .join()
+        .map_err(|_| "the sending thread panicked".to_string())?;
+        let target = before + sent * payload as u64;
+        self.bulk_target.store(target, Ordering::Release);
+        // The handler may have counted the last message before the target
+        // was set.
+        if self.bulk_bytes.load(Ordering::Acquire) >= target
+            && let Some(done) = self.bulk_done.lock().map_err(|_| "bulk lock")?.take()
+        {
+            let _ = done.send(Instant::now());
+        }
+        let ended = finished.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+            format!(
+                "{} of {sent} messages arrived",
+                (self.bulk_bytes.load(Ordering::Acquire) - before) / payload.max(1) as u64
+            )
+        })?;
+        Ok((sent, sent as f64 / (ended - started).as_secs_f64()))
     }
 
     fn under_bulk(
