@@ -398,3 +398,82 @@ fn a_record_that_comes_back_is_reached_again() {
     send_and_check(100..200);
     assert!(receiver.recv_timeout(Duration::from_millis(200)).is_none());
 }
+
+/// A sender refused by `send_buffer` sleeps in `wait_writable` until half
+/// of that buffer is free again, and then has room for half of it: it is not
+/// woken message by message (on a shared core each wake-up preempts the
+/// shard). Every message arrives once, in order.
+#[test]
+fn a_refused_sender_wakes_to_half_a_free_send_buffer() {
+    const BUFFER: usize = 64 * 1024;
+    const SIZE: usize = 4096;
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let mut config = NodeConfig::new("half-sender", &["tcp://127.0.0.1:0"]).expect("config");
+    config.discovery = DiscoverySource(discovery.clone());
+    config.send_buffer = BUFFER;
+    config.stream.send_window = 32 * 1024;
+    config.stream.max_message_len = SIZE;
+    // Hosts of their own: tcp between them, not the same-process route.
+    config.host = Some(Host {
+        hostname: "half-host-a".into(),
+        pid: 1,
+    });
+    let a = Node::start(config).expect("a starts");
+    let mut config = NodeConfig::new("half-receiver", &["tcp://127.0.0.1:0"]).expect("config");
+    config.discovery = DiscoverySource(discovery.clone());
+    config.recv_queue = 4;
+    config.stream.recv_window = 32 * 1024;
+    config.stream.max_message_len = SIZE;
+    config.host = Some(Host {
+        hostname: "half-host-b".into(),
+        pid: 1,
+    });
+    let b = Arc::new(Node::start(config).expect("b starts"));
+    let message = |n: u32| {
+        let mut data = vec![0u8; SIZE];
+        data[..4].copy_from_slice(&n.to_le_bytes());
+        Bytes::from(data)
+    };
+    // Fill everything between a's application and b's: b does not read.
+    let mut sent = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let since = loop {
+        let since = a.writable_generation();
+        match a.send("half-receiver", 1, message(sent)) {
+            Ok(()) => sent += 1,
+            // Refused by send_buffer; for good once nothing frees space for
+            // a while (the windows are full), not while connecting.
+            Err(SendError::WouldBlock { queue: "send_buffer", .. }) => {
+                if a.wait_writable(since, Duration::from_millis(300)) == since {
+                    break since;
+                }
+            }
+            Err(e) => panic!("send: {e}"),
+        }
+        assert!(Instant::now() < deadline, "never refused ({sent} sent)");
+    };
+    let reader = {
+        let b = b.clone();
+        thread::spawn(move || {
+            let mut got = Vec::new();
+            while let Some(m) = b.recv_timeout(Duration::from_secs(2)) {
+                got.push(u32::from_le_bytes([m.data[0], m.data[1], m.data[2], m.data[3]]));
+                // Slowly: space comes back a message at a time.
+                thread::sleep(Duration::from_millis(10));
+            }
+            got
+        })
+    };
+    // Woken (not timed out) once b reads, with room for half the buffer.
+    let woken = a.wait_writable(since, Duration::from_secs(30));
+    assert_ne!(woken, since, "the refused sender was never woken");
+    for _ in 0..BUFFER / 2 / SIZE {
+        a.send("half-receiver", 1, message(sent))
+            .expect("half the buffer is free at the wake-up");
+        sent += 1;
+    }
+    let got = reader.join().expect("reader");
+    assert_eq!(got, (0..sent).collect::<Vec<_>>(), "each message once, in order");
+    a.stop(Duration::from_millis(200));
+    b.stop(Duration::from_millis(200));
+}

@@ -196,8 +196,11 @@ impl ShardState {
 /// Takes `len` bytes off a backlog counter, never below zero: a message
 /// accepted under a route that was since replaced may be released against
 /// the new route's counter.
-fn release(counter: &std::sync::atomic::AtomicUsize, len: usize) {
-    let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(len)));
+fn release(counter: &std::sync::atomic::AtomicUsize, len: usize) -> usize {
+    let before = counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(len)))
+        .unwrap_or_else(|v| v);
+    before.saturating_sub(len)
 }
 
 /// Write side of one connection, kept by its endpoint so that any task that
@@ -644,8 +647,8 @@ impl Endpoint {
                             Ok(Submitted::Refused(why)) => refused.push((stream_id, len, why)),
                         }
                         queue.pop_front();
-                        release(&self.queued.borrow()[usize::from(urgent)], len);
-                        writable = true;
+                        let left = release(&self.queued.borrow()[usize::from(urgent)], len);
+                        writable |= left <= shard.shared.config.send_buffer / 2;
                     }
                     if queue.is_empty() {
                         st.pending.remove(&stream_id);
@@ -1041,6 +1044,9 @@ pub(super) fn drain_send_queue() {
     };
     let urgent = &state.shared.urgent_queues[state.index];
     let bulk = &state.shared.send_queues[state.index];
+    // A sender refused by a full queue looks again once it is half empty.
+    let crowded = |q: &crossbeam_queue::ArrayQueue<super::Outgoing>| q.len() * 2 >= q.capacity();
+    drain.freed = crowded(urgent) || crowded(bulk);
     loop {
         if !urgent.is_empty() {
             // Out now, ahead of the bulk moved so far.
@@ -1048,7 +1054,7 @@ pub(super) fn drain_send_queue() {
             while let Some(outgoing) = urgent.pop() {
                 drain.take(outgoing);
             }
-            Drain::drive(std::mem::replace(&mut drain.touched, before), &state);
+            drain.freed |= Drain::drive(std::mem::replace(&mut drain.touched, before), &state);
         }
         let mut batch = 0;
         while batch < URGENT_CHECK {
@@ -1063,10 +1069,10 @@ pub(super) fn drain_send_queue() {
     let Drain {
         touched,
         dropped,
-        freed,
+        mut freed,
         ..
     } = drain;
-    Drain::drive(touched, &state);
+    freed |= Drain::drive(touched, &state);
     let left = !bulk.is_empty() || !urgent.is_empty();
     if left && !state.shared.drain_scheduled[state.index].swap(true, Ordering::AcqRel) {
         state.shared.shards[state.index].submit(drain_send_queue);
@@ -1096,7 +1102,7 @@ fn drain_all(state: &Rc<ShardState>) {
         }
     }
     for (endpoint, released) in &drain.touched {
-        Drain::release(endpoint, *released);
+        let _ = Drain::release(endpoint, *released, state);
     }
     report_dropped(state, drain.dropped);
 }
@@ -1132,9 +1138,9 @@ impl Drain<'_> {
     /// Hands one message to its endpoint's session (or holds it there).
     fn take(&mut self, outgoing: super::Outgoing) {
         let state = self.state;
-        self.freed = true;
         let len = outgoing.data.len();
         if self.any_forgotten && state.forgotten.borrow().contains(&outgoing.to) {
+            self.freed = true;
             let entry = self
                 .dropped
                 .entry((outgoing.to.clone(), outgoing.stream_id))
@@ -1181,19 +1187,28 @@ impl Drain<'_> {
     }
 
     /// Releases what the sessions took and runs each touched endpoint once.
-    fn drive(touched: Vec<(Rc<Endpoint>, [usize; 2])>, state: &ShardState) {
+    /// Whether a sender refused by `send_buffer` should look again.
+    fn drive(touched: Vec<(Rc<Endpoint>, [usize; 2])>, state: &ShardState) -> bool {
+        let mut freed = false;
         for (endpoint, released) in touched {
-            Self::release(&endpoint, released);
+            freed |= Self::release(&endpoint, released, state);
             endpoint.drive(state);
         }
+        freed
     }
 
-    fn release(endpoint: &Endpoint, released: [usize; 2]) {
+    /// Whether a counter fell to half of `send_buffer` or below: waking a
+    /// refused sender for less makes it run (and, beside its shard on one
+    /// core, preempt it) for a message or two at a time.
+    fn release(endpoint: &Endpoint, released: [usize; 2], state: &ShardState) -> bool {
+        let mut freed = false;
         for (class, len) in released.into_iter().enumerate() {
             if len > 0 {
-                release(&endpoint.queued.borrow()[class], len);
+                let left = release(&endpoint.queued.borrow()[class], len);
+                freed |= left <= state.shared.config.send_buffer / 2;
             }
         }
+        freed
     }
 }
 
@@ -1340,7 +1355,7 @@ fn abandon(state: &ShardState, endpoint: &Endpoint, reason: &str) {
             for (data, urgent) in held {
                 entry.0 += 1;
                 entry.1 += data.len() as u64;
-                release(&endpoint.queued.borrow()[usize::from(urgent)], data.len());
+                let _ = release(&endpoint.queued.borrow()[usize::from(urgent)], data.len());
             }
         }
     }
