@@ -443,7 +443,9 @@ fn a_refused_sender_wakes_to_half_a_free_send_buffer() {
             Ok(()) => sent += 1,
             // Refused by send_buffer; for good once nothing frees space for
             // a while (the windows are full), not while connecting.
-            Err(SendError::WouldBlock { queue: "send_buffer", .. }) => {
+            Err(SendError::WouldBlock {
+                queue: "send_buffer", ..
+            }) => {
                 if a.wait_writable(since, Duration::from_millis(300)) == since {
                     break since;
                 }
