@@ -221,38 +221,15 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
                     eprintln!("# {transport}{label} {payload} B: {} s ...", args.seconds);
                     let (messages, ours) = pair.throughput(payload, Duration::from_secs_f64(args.seconds), stream)?;
                     // One baseline per size, moving the plain case's count.
-                    let (base, lost, hashed) = match plain {
-                        Some(measured) => measured,
-                        None => {
-                            let (base, lost) = isolated({
-                                let transport = transport_name.clone();
-                                move || baseline_throughput(&transport, payload, messages)
-                            });
-                            let hashed = isolated({
-                                let transport = transport_name.clone();
-                                move || hashed_baseline_throughput(&transport, payload, messages)
-                            });
-                            let measured = (base, lost, hashed);
-                            plain = Some(measured);
-                            measured
-                        }
-                    };
-                    print_json(&Throughput {
-                        kind: "throughput",
+                    let baselines = *plain.get_or_insert_with(|| raw_baselines(transport_name, payload, messages));
+                    print_json(&Throughput::of(
                         transport,
-                        api: "queue",
-                        spin_us: args.spin_us,
+                        "queue",
+                        args.spin_us,
                         e2e,
-                        payload,
-                        messages,
-                        msgs_per_sec: ours,
-                        mb_per_sec: ours * payload as f64 / 1e6,
-                        baseline_msgs_per_sec: base,
-                        baseline_mb_per_sec: base * payload as f64 / 1e6,
-                        baseline_lost: lost,
-                        ratio: ours / base,
-                        hashed_baseline_msgs_per_sec: hashed,
-                    });
+                        (payload, messages, ours),
+                        baselines,
+                    ));
                 }
             }
         }
@@ -301,10 +278,6 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
 fn handler_cases(transport: &str, args: &BenchArgs, base: &Histogram<u64>) -> Result<(), String> {
     let pair = Pair::start(transport, args, false)?;
     let handlers = Handlers::install(&pair)?;
-    eprintln!(
-        "# {transport} ping-pong, handlers: {} round trips ...",
-        args.round_trips
-    );
     if !args.pingpong {
         for &payload in &args.sizes {
             eprintln!(
@@ -312,32 +285,20 @@ fn handler_cases(transport: &str, args: &BenchArgs, base: &Histogram<u64>) -> Re
                 args.seconds
             );
             let (messages, ours) = handlers.throughput(&pair, payload, Duration::from_secs_f64(args.seconds))?;
-            let (base, lost) = isolated({
-                let transport = transport.to_string();
-                move || baseline_throughput(&transport, payload, messages)
-            });
-            let hashed = isolated({
-                let transport = transport.to_string();
-                move || hashed_baseline_throughput(&transport, payload, messages)
-            });
-            print_json(&Throughput {
-                kind: "throughput",
+            print_json(&Throughput::of(
                 transport,
-                api: "handler",
-                spin_us: args.spin_us,
-                e2e: false,
-                payload,
-                messages,
-                msgs_per_sec: ours,
-                mb_per_sec: ours * payload as f64 / 1e6,
-                baseline_msgs_per_sec: base,
-                baseline_mb_per_sec: base * payload as f64 / 1e6,
-                baseline_lost: lost,
-                ratio: ours / base,
-                hashed_baseline_msgs_per_sec: hashed,
-            });
+                "handler",
+                args.spin_us,
+                false,
+                (payload, messages, ours),
+                raw_baselines(transport, payload, messages),
+            ));
         }
     }
+    eprintln!(
+        "# {transport} ping-pong, handlers: {} round trips ...",
+        args.round_trips
+    );
     let ours = handlers.ping(&pair, args.round_trips, 2, false)?;
     print_json(&Rtt::of(
         transport,
@@ -492,22 +453,7 @@ impl Handlers {
         let before = self.bulk_bytes.load(Ordering::Acquire);
         self.bulk_target.store(u64::MAX, Ordering::Release);
         *self.bulk_done.lock().map_err(|_| "bulk lock")? = Some(done);
-        let data = static_payload(0xa5u8, payload);
-        let a = pair.a.clone();
-        let (started, sent) = thread::spawn(move || {
-            pin(0);
-            let started = Instant::now();
-            let mut sent = 0u64;
-            while started.elapsed() < period {
-                for _ in 0..256 {
-                    send(&a, PEER_B, 1, &data, false);
-                }
-                sent += 256;
-            }
-            (started, sent)
-        })
-        .join()
-        .map_err(|_| "the sending thread panicked".to_string())?;
+        let (started, sent) = send_for(pair.a.clone(), payload, period, 1)?;
         let target = before + sent * payload as u64;
         self.bulk_target.store(target, Ordering::Release);
         // The handler may have counted the last message before the target
@@ -547,6 +493,51 @@ impl Handlers {
         thread::sleep(Duration::from_millis(300));
         let bytes = self.bulk_bytes.load(Ordering::Relaxed) - before;
         Ok((hist?, bytes as f64 / started.elapsed().as_secs_f64() / 1e6))
+    }
+}
+
+/// The raw baselines of a throughput case, measured now with its message
+/// count: (bare sockets' msgs/s, messages they lost, the same with the
+/// frame hash).
+fn raw_baselines(transport: &str, payload: usize, messages: u64) -> (f64, u64, Option<f64>) {
+    let (base, lost) = isolated({
+        let transport = transport.to_string();
+        move || baseline_throughput(&transport, payload, messages)
+    });
+    let hashed = isolated({
+        let transport = transport.to_string();
+        move || hashed_baseline_throughput(&transport, payload, messages)
+    });
+    (base, lost, hashed)
+}
+
+impl<'a> Throughput<'a> {
+    /// A throughput row: `(payload, messages, msgs/s)` beside
+    /// [`raw_baselines`].
+    fn of(
+        transport: &'a str,
+        api: &'static str,
+        spin_us: u64,
+        e2e: bool,
+        (payload, messages, ours): (usize, u64, f64),
+        (base, lost, hashed): (f64, u64, Option<f64>),
+    ) -> Self {
+        Throughput {
+            kind: "throughput",
+            transport,
+            api,
+            spin_us,
+            e2e,
+            payload,
+            messages,
+            msgs_per_sec: ours,
+            mb_per_sec: ours * payload as f64 / 1e6,
+            baseline_msgs_per_sec: base,
+            baseline_mb_per_sec: base * payload as f64 / 1e6,
+            baseline_lost: lost,
+            ratio: ours / base,
+            hashed_baseline_msgs_per_sec: hashed,
+        }
     }
 }
 
@@ -812,7 +803,6 @@ impl Pair {
     /// One-way messages from a to b for `period`: (messages, messages/s,
     /// from the first send to the last receive).
     fn throughput(&self, payload: usize, period: Duration, stream: i64) -> Result<(u64, f64), String> {
-        let data = static_payload(0xa5u8, payload);
         let total = Arc::new(AtomicU64::new(u64::MAX));
         let b = self.b.clone();
         let receiver = {
@@ -837,21 +827,7 @@ impl Pair {
                 Ok(Instant::now())
             })
         };
-        let a = self.a.clone();
-        let (started, sent) = thread::spawn(move || {
-            pin(0);
-            let started = Instant::now();
-            let mut sent = 0u64;
-            while started.elapsed() < period {
-                for _ in 0..256 {
-                    send(&a, PEER_B, stream, &data, false);
-                }
-                sent += 256;
-            }
-            (started, sent)
-        })
-        .join()
-        .map_err(|_| "the sending thread panicked".to_string())?;
+        let (started, sent) = send_for(self.a.clone(), payload, period, stream)?;
         total.store(sent, Ordering::Release);
         let done = receiver
             .join()
@@ -953,6 +929,26 @@ fn bulk_sender(a: Arc<Node>, stop: Arc<AtomicBool>, rate_mb: f64) -> thread::Joi
             }
         }
     })
+}
+
+/// a's application: sends `payload`-byte messages to b on `stream` for
+/// `period` from a thread pinned to core 0. (when it started, messages sent)
+fn send_for(a: Arc<Node>, payload: usize, period: Duration, stream: i64) -> Result<(Instant, u64), String> {
+    let data = static_payload(0xa5u8, payload);
+    thread::spawn(move || {
+        pin(0);
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < period {
+            for _ in 0..256 {
+                send(&a, PEER_B, stream, &data, false);
+            }
+            sent += 256;
+        }
+        (started, sent)
+    })
+    .join()
+    .map_err(|_| "the sending thread panicked".to_string())
 }
 
 /// Sends one message, waiting while the way is full. By reference: one
