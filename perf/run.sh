@@ -5,8 +5,9 @@
 # unix, udp and mem at 8, 64, 548, 1024 and 16384 B with the 64 B ping-pong
 # and the latency-class cases (each beside its in-run raw baseline), the
 # ping-pong and class cases again with the applications as message handlers
-# on the shards (spinning 50 µs before parking) and the 64 B and 16 KiB
-# throughput cases with the receiving application as a handler, and
+# on the shards (spinning 50 µs before parking), the 64 B and 16 KiB
+# throughput cases with the receiving application as a handler (shards
+# parking at once: the sender is a thread beside its shard), and
 # `atbus-baseline` (perf/baseline.rs) for tcp and unix; once: `atbus-idle`
 # (10 000 idle connections). Raw JSON lines go to perf/results/run-<date>.jsonl,
 # the summary with the targets to perf/RESULTS.md.
@@ -34,9 +35,12 @@ for run in $(seq 1 "$runs"); do
         --size 8 --size 64 --size 548 --size 1024 --size 16384 \
         --seconds "$per_case" --class | tag "$run" >> "$out"
     echo "==> run $run of $runs: atbus bench --handler (applications on the shards)"
-    target/release/atbus bench --transport tcp --transport unix --class \
-        --size 64 --size 16384 --seconds "$per_case" \
+    target/release/atbus bench --transport tcp --transport unix --pingpong --class \
         --handler --handler-only --spin-us 50 | tag "$run" >> "$out"
+    echo "==> run $run of $runs: atbus bench --handler --throughput-only (b's application a handler)"
+    target/release/atbus bench --transport tcp --transport unix --throughput-only \
+        --size 64 --size 16384 --seconds "$per_case" \
+        --handler --handler-only | tag "$run" >> "$out"
     echo "==> run $run of $runs: atbus-baseline"
     target/release/atbus-baseline --transport tcp --transport unix \
         --size 8 --size 64 --size 548 --size 1024 --size 16384 \

@@ -148,7 +148,9 @@ def main(path, commit, date):
         out.append("### The same with b's application as a message handler")
         out.append("")
         out.append("a's sender is an application thread as above; b's application is a message handler")
-        out.append(f"on b's shard (`Node::set_handler`, shards spinning {int(med(hspin))} µs before parking), so")
+        spin = int(med(hspin))
+        spinning = f"shards spinning {spin} µs before parking" if spin else "shards parking at once"
+        out.append(f"on b's shard (`Node::set_handler`, {spinning}), so")
         out.append("core 1 runs the receiving shard alone instead of the shard and a reader thread taking")
         out.append("turns. Raw and raw + frame hash: measured in these runs right after each case.")
         out.append("")

@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// Only the 64 B ping-pong (no throughput cases).
     #[arg(long)]
     pingpong: bool,
+    /// Only the throughput cases (no ping-pong or class cases).
+    #[arg(long, conflicts_with = "pingpong")]
+    throughput_only: bool,
     /// Ping-pong round trips per latency case.
     #[arg(long, default_value_t = 20_000)]
     round_trips: usize,
@@ -233,6 +236,13 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
                 }
             }
         }
+        if args.throughput_only {
+            pair.stop();
+            if args.handler && args.via_relay == 0 {
+                handler_cases(transport_name, &args, None)?;
+            }
+            continue;
+        }
         let base = isolated({
             let (transport, trips) = (transport_name.clone(), args.round_trips);
             move || baseline_rtt(&transport, trips)
@@ -267,7 +277,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
         }
         pair.stop();
         if args.handler && args.via_relay == 0 {
-            handler_cases(transport_name, &args, &base)?;
+            handler_cases(transport_name, &args, Some(&base))?;
         }
     }
     Ok(())
@@ -275,7 +285,9 @@ pub fn run(mut args: BenchArgs) -> Result<(), String> {
 
 /// The ping-pong (and with `--class` the class cases) with both
 /// applications as message handlers on the shards, on a pair of its own.
-fn handler_cases(transport: &str, args: &BenchArgs, base: &Histogram<u64>) -> Result<(), String> {
+/// `base`: the raw ping-pong of the same run (`None` with
+/// `--throughput-only`: no ping-pong).
+fn handler_cases(transport: &str, args: &BenchArgs, base: Option<&Histogram<u64>>) -> Result<(), String> {
     let pair = Pair::start(transport, args, false)?;
     let handlers = Handlers::install(&pair)?;
     if !args.pingpong {
@@ -295,6 +307,10 @@ fn handler_cases(transport: &str, args: &BenchArgs, base: &Histogram<u64>) -> Re
             ));
         }
     }
+    let Some(base) = base else {
+        pair.stop();
+        return Ok(());
+    };
     eprintln!(
         "# {transport} ping-pong, handlers: {} round trips ...",
         args.round_trips
