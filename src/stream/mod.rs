@@ -386,10 +386,10 @@ impl<'a> PacketFrame<'a> {
         }
     }
 
-    /// Length of `packet_data`, given its content's. Fields at their default
-    /// are left out, as prost does.
-    fn data_len(&self, content: usize) -> usize {
-        let p = self.packet;
+    /// Length of `packet_data`. Fields at their default are left out, as
+    /// prost does.
+    fn data_len(&self) -> usize {
+        let (p, content) = (self.packet, self.content);
         let offset = p.offset as i64;
         let mut len = 0;
         if p.stream_id != 0 {
@@ -413,7 +413,7 @@ impl<'a> PacketFrame<'a> {
 
 impl FrameBody for PacketFrame<'_> {
     fn body_len(&self) -> usize {
-        let data = self.data_len(self.content);
+        let data = self.data_len();
         let head = self
             .head
             .map_or(0, |h| encoding::message::encoded_len(FRAME_HEAD_TAG, h));
@@ -428,7 +428,7 @@ impl FrameBody for PacketFrame<'_> {
         }
         let content = self.content;
         encoding::encode_key(FRAME_PACKET_TAG, LengthDelimited, dst);
-        encoding::encode_varint(self.data_len(content) as u64, dst);
+        encoding::encode_varint(self.data_len() as u64, dst);
         let offset = p.offset as i64;
         if p.stream_id != 0 {
             encoding::int64::encode(1, &p.stream_id, dst);
