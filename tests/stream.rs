@@ -630,6 +630,32 @@ fn a_lone_packet_is_acknowledged_with_the_answer_or_after_the_delay() {
 }
 
 #[test]
+fn a_closing_path_sends_the_acknowledgements_it_owes_first() {
+    let now = std::time::Instant::now();
+    let (mut a, mut b) = session_pair(Config::default(), now);
+    a.send(STREAM, Bytes::from_static(b"last")).expect("send");
+    assert_eq!(pump(&mut a, &mut b, now), [false]);
+    assert!(
+        b.poll_timeout().is_some_and(|t| t > now),
+        "a delayed acknowledgement is owed"
+    );
+    // The receiving node stops at once (it has what it wanted).
+    b.close_path(
+        PathId(1),
+        CloseReasonData {
+            code: AtbusCloseReason::Shutdown as i32,
+            message: "node stopping".into(),
+        },
+    );
+    assert_eq!(
+        pump(&mut b, &mut a, now),
+        [true, false],
+        "the acknowledgement, then FINISH_CONNECTION"
+    );
+    assert_eq!(a.unacknowledged(STREAM), 0, "the sender knows it was delivered");
+}
+
+#[test]
 fn bursts_holes_and_resends_are_acknowledged_at_once() {
     let now = std::time::Instant::now();
     // A burst: two packets or more.

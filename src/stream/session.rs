@@ -607,7 +607,7 @@ impl Session {
     /// Next frame to send, with the path to send it on: acknowledgements
     /// first, then stream data round-robin over paths and streams.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
-        if let Some(transmit) = self.poll_control() {
+        if let Some(transmit) = self.poll_control(now) {
             return Some(transmit);
         }
         if let Some(transmit) = self.poll_ack(now) {
@@ -624,13 +624,21 @@ impl Session {
         Some(transmit)
     }
 
-    fn poll_control(&mut self) -> Option<Transmit> {
+    fn poll_control(&mut self, now: Instant) -> Option<Transmit> {
         let id = self
             .paths
             .iter()
             .find(|(_, p)| p.closing.is_some())
             .map(|(id, _)| *id)?;
-        let reason = self.paths.get_mut(&id)?.closing.take()?;
+        let path = self.paths.get_mut(&id)?;
+        if !path.pending_acks.is_empty() {
+            // What arrived on the path is acknowledged before it closes (a
+            // delayed acknowledgement would go with it, and the peer report
+            // delivered data as lost).
+            path.timers[Timer::Ack as usize] = Some(now);
+            return None;
+        }
+        let reason = path.closing.take()?;
         self.remove_path(id);
         Some(Transmit::Packet {
             path: id,
