@@ -66,6 +66,11 @@ impl AppInbox {
             && let Ok(mut generation) = self.generation.lock()
         {
             *generation += 1;
+            // Notified after the lock is released: a reader woken while it
+            // is held would block on it at once (two more context switches
+            // per wake-up, with the reader pinned beside this shard). Taking
+            // the lock is what orders this wake-up after a sleeper's look.
+            drop(generation);
             self.cvar.notify_all();
             return true;
         }
