@@ -175,10 +175,13 @@ impl ShardState {
     pub fn wake_app(&self) {
         let urgent = self.app_wake_urgent.replace(false);
         if self.app_wake.replace(false) {
-            self.shared.inbox.wake();
-            if urgent {
+            // The reader may run as soon as it is woken (it preempts the
+            // shard), and answer before the shard goes on.
+            runtime::expect_submissions();
+            if self.shared.inbox.wake() || urgent {
                 std::thread::yield_now();
             }
+            runtime::run_submitted_soon();
         }
     }
 

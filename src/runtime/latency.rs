@@ -79,7 +79,7 @@ pub(super) async fn hurried() {
 }
 
 /// Wakes the inbox task if the hurry flag is up. Whether it was.
-fn look_hurry() -> bool {
+pub(super) fn look_hurry() -> bool {
     let raised = HURRY.with(|h| h.borrow().as_ref().is_some_and(|f| f.load(Ordering::Acquire)));
     if raised && let Some(waker) = HURRY_WAKER.with(|w| w.borrow_mut().take()) {
         waker.wake();

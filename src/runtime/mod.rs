@@ -35,6 +35,45 @@ use futures_lite::AsyncReadExt;
 use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
 pub use latency::{WATCH_INTERVAL, latency_wanted, readable, yield_to_latency};
 
+thread_local! {
+    /// This shard's inbox (on shard threads).
+    static SHARD_INBOX: RefCell<Option<Arc<Inbox>>> = const { RefCell::new(None) };
+}
+
+/// On a shard about to hand its core to an application thread for a
+/// moment (`sched_yield`): jobs submitted until [`run_submitted_soon`] send
+/// no wake-up byte (a system call for the submitter, and a few passes
+/// through glommio's rings before the shard reads it), since the shard
+/// looks at its jobs right after.
+pub fn expect_submissions() {
+    SHARD_INBOX.with(|i| {
+        if let Some(inbox) = i.borrow().as_ref() {
+            inbox.notified.store(true, Ordering::SeqCst);
+        }
+    });
+}
+
+/// On a shard, after [`expect_submissions`]: submitters send wake-up bytes
+/// again, and the jobs submitted meanwhile run as soon as the current task
+/// yields (the inbox task is woken directly). Nothing elsewhere.
+pub fn run_submitted_soon() {
+    SHARD_INBOX.with(|i| {
+        let inbox = i.borrow();
+        let Some(inbox) = inbox.as_ref() else {
+            return;
+        };
+        // A read-modify-write: if a submitter saw the flag up (and skipped
+        // its byte), this reads its write and so sees its job; if it comes
+        // later, it finds the flag down and sends a byte. A byte still in
+        // flight from before stays harmless (the inbox task reads them all).
+        inbox.notified.swap(false, Ordering::SeqCst);
+        if !inbox.jobs.is_empty() {
+            inbox.hurry.store(true, Ordering::Release);
+            latency::look_hurry();
+        }
+    });
+}
+
 /// A unit of work run on a shard's thread.
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -412,6 +451,7 @@ async fn drain_inbox(index: usize, inbox: Arc<Inbox>, wake_rx: StdUnixStream) {
     // SAFETY: the fd comes from a socketpair we own and hand over here.
     let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(wake_rx.into_raw_fd()) };
     latency::set_hurry(Some(inbox.hurry.clone()));
+    SHARD_INBOX.with(|i| *i.borrow_mut() = Some(inbox.clone()));
     let mut buf = [0u8; 256];
     loop {
         // Clear before draining: a push after this point sends a new byte.
@@ -439,6 +479,7 @@ async fn drain_inbox(index: usize, inbox: Arc<Inbox>, wake_rx: StdUnixStream) {
         }
     }
     latency::set_hurry(None);
+    SHARD_INBOX.with(|i| *i.borrow_mut() = None);
 }
 
 #[cfg(test)]
@@ -470,6 +511,52 @@ mod tests {
                 "jobs of one submitter run in order"
             );
             last[i % 2] = Some(i);
+        }
+    }
+
+    /// Jobs submitted while the shard expects them (no wake-up byte), just
+    /// before its look, or just after it (a byte again) all run.
+    #[test]
+    fn jobs_submitted_around_an_expected_window_run() {
+        let config = RuntimeConfig {
+            shards: 1,
+            pin: false,
+            ..RuntimeConfig::default()
+        };
+        let runtime = Runtime::start(&config).expect("runtime starts");
+        let shard = runtime.shard(0).clone();
+        for round in 0..300u32 {
+            let (ran_tx, ran_rx) = crossbeam_channel::bounded(1);
+            let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
+            let submitter = {
+                let shard = shard.clone();
+                std::thread::spawn(move || {
+                    go_rx.recv().expect("the shard says go");
+                    if round % 3 == 2 {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    shard.submit(move || {
+                        let _ = ran_tx.send(());
+                    });
+                })
+            };
+            // From a task of its own, as a reader task does: the inbox
+            // task is waiting by then, not draining.
+            shard.submit(move || {
+                spawn(TaskClass::Throughput, async move {
+                    glommio::timer::sleep(Duration::from_micros(200)).await;
+                    expect_submissions();
+                    let _ = go_tx.send(());
+                    if round % 3 == 1 {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    run_submitted_soon();
+                });
+            });
+            ran_rx
+                .recv_timeout(Duration::from_secs(2))
+                .unwrap_or_else(|_| panic!("round {round}: the job submitted around the window never ran"));
+            submitter.join().expect("submitter");
         }
     }
 }
