@@ -4,6 +4,7 @@
 # Builds in release, then RUNS times (default 3): `atbus bench` for tcp,
 # unix, udp and mem at 8, 64, 548, 1024 and 16384 B with the 64 B ping-pong
 # and the latency-class cases (each beside its in-run raw baseline), the
+# ping-pong again with the shards spinning 50 µs before parking, the
 # ping-pong and class cases again with the applications as message handlers
 # on the shards (spinning 50 µs before parking), the 64 B and 16 KiB
 # throughput cases with the receiving application as a handler (shards
@@ -34,6 +35,9 @@ for run in $(seq 1 "$runs"); do
     target/release/atbus bench --transport tcp --transport unix --transport udp --transport mem \
         --size 8 --size 64 --size 548 --size 1024 --size 16384 \
         --seconds "$per_case" --class | tag "$run" >> "$out"
+    echo "==> run $run of $runs: atbus bench --pingpong --spin-us 50 (queue API, shards spinning)"
+    target/release/atbus bench --transport tcp --transport unix --pingpong \
+        --spin-us 50 | tag "$run" >> "$out"
     echo "==> run $run of $runs: atbus bench --handler (applications on the shards)"
     target/release/atbus bench --transport tcp --transport unix --pingpong --class \
         --handler --handler-only --spin-us 50 | tag "$run" >> "$out"

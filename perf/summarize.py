@@ -55,6 +55,7 @@ def main(path, commit, date):
     hhashed = defaultdict(list)
     hspin = []
     hrtt = defaultdict(lambda: defaultdict(list))    # applications as handlers
+    srtt = defaultdict(lambda: defaultdict(list))    # queue API, shards spinning before parking
     hklass = defaultdict(lambda: defaultdict(list))
     idle = [r for r in rows if r["kind"] == "idle_connections"]
     for r in rows:
@@ -75,8 +76,18 @@ def main(path, commit, date):
                 inrun_h[key].append(r["baseline_msgs_per_sec"])
         elif kind == "baseline_throughput":
             base[(r["transport"], r["payload"])].append(r["msgs_per_sec"])
-        elif kind in ("rtt", "class") and r.get("api", "queue") == "queue" and r.get("spin_us", 0) > 0:
-            continue  # the handler run's side rows: spinning shards, not the defaults
+        elif kind == "rtt" and r.get("api", "queue") == "queue" and r.get("spin_us", 0) > 0 and not r.get("e2e"):
+            t = srtt[r["transport"]]
+            t["p50"].append(r["rtt_p50_us"])
+            t["p99"].append(r["rtt_p99_us"])
+            t["inrun_p50"].append(r["baseline_rtt_p50_us"])
+            t["inrun_p99"].append(r["baseline_rtt_p99_us"])
+            t["spin"].append(r["spin_us"])
+            if r.get("handoff_rtt_p50_us") is not None:
+                t["handoff_p50"].append(r["handoff_rtt_p50_us"])
+                t["handoff_p99"].append(r["handoff_rtt_p99_us"])
+        elif kind == "class" and r.get("api", "queue") == "queue" and r.get("spin_us", 0) > 0:
+            continue  # side rows of a spinning run: the class table shows the defaults
         elif kind == "rtt" and r.get("api") == "handler":
             t = hrtt[r["transport"]]
             t["p50"].append(r["rtt_p50_us"])
@@ -169,8 +180,10 @@ def main(path, commit, date):
     out.append("## 64 B ping-pong (application to application)")
     out.append("")
     out.append("*queue*: application threads (pinned beside their shards) call `recv_timeout` and `send`;")
+    out.append("*queue, spin*: the same with the shards spinning the given µs before parking")
+    out.append("(`RuntimeConfig::spin_before_park`, `--spin-us`; idle shards burn that much CPU per wake-up);")
     out.append("*handlers*: the applications are message handlers on the shards (`Node::set_handler`),")
-    out.append("shards spinning the given µs before parking (`--spin-us`). Raw: blocking sockets, two")
+    out.append("shards spinning the given µs before parking. Raw: blocking sockets, two")
     out.append("pinned threads. *Raw + hand-offs*: bare sockets with the queue API's thread layout (an")
     out.append("application and an I/O thread at each end, pinned on one core, handing messages over")
     out.append("through channels; perf/raw.rs `handoff_rtt`), measured in the same run: what the layout")
@@ -184,12 +197,19 @@ def main(path, commit, date):
         bp99 = raw.get("base_p99") or t["inrun_p99"]
         return bp50, bp99, med(t["p50"]) / med(bp50), med(t["p99"]) / med(bp99)
 
-    for transport in sorted(set(rtt) | set(hrtt)):
-        for api, t in (("queue", rtt.get(transport)), ("handlers", hrtt.get(transport))):
+    def rtt_apis(transport):
+        return (
+            ("queue", rtt.get(transport)),
+            ("queue, spin", srtt.get(transport)),
+            ("handlers, spin", hrtt.get(transport)),
+        )
+
+    for transport in sorted(set(rtt) | set(srtt) | set(hrtt)):
+        for api, t in rtt_apis(transport):
             if not t or not t["p50"]:
                 continue
             bp50, bp99, r50, r99 = rtt_ratios(t, rtt.get(transport, {}))
-            label = api if api == "queue" else f"handlers, spin {int(med(t['spin']))} µs"
+            label = f"{api} {int(med(t['spin']))} µs" if t.get("spin") else api
             handoff = (
                 f"{med(t['handoff_p50']):.1f} / {med(t['handoff_p99']):.1f}" if t.get("handoff_p50") else "-"
             )
@@ -257,11 +277,11 @@ def main(path, commit, date):
             figure = f"{r * 100:.0f} % (of the in-run raw: {med(hbus[key]) / med(hinrun[key]) * 100:.0f} %)"
             targets.append((f"3. {transport} 16 KiB ≥ 85 % of raw bytes/s (receiver a handler)", figure, r >= 0.85))
     for transport in ("tcp", "unix"):
-        for api, t in (("queue API", rtt.get(transport)), ("handlers", hrtt.get(transport))):
+        for api, t in rtt_apis(transport):
             if t and t["p50"]:
                 _, _, r50, r99 = rtt_ratios(t, rtt.get(transport, {}))
-                if api == "handlers":
-                    api = f"handlers, spin {int(med(t['spin']))} µs"
+                api = f"{api} {int(med(t['spin']))} µs" if t.get("spin") else api
+                api = api.replace("queue", "queue API")
                 figure = f"{r50:.2f}× / {r99:.2f}×"
                 if t.get("handoff_p50"):
                     _, _, h50, h99 = rtt_ratios({"p50": t["handoff_p50"], "p99": t["handoff_p99"], **{
