@@ -597,6 +597,10 @@ async fn established<L: Link>(
         }
         TaskClass::Latency
     } else {
+        if let Err(e) = link.size_send_buffer(state.shared.config.write_batch) {
+            // It still works, with writes stopping short more often.
+            tracing::warn!(node = %state.shared.name, "{origin}: cannot size the send buffer: {e}");
+        }
         TaskClass::Throughput
     };
     runtime::run_in(class, serve(state, link, reader, peer, origin)).await
