@@ -258,10 +258,20 @@ fn timed_round_trips(trips: usize, total: usize, mut round_trip: impl FnMut()) -
 trait Duplex: Read + Write + std::os::fd::AsRawFd + Send {}
 impl<T: Read + Write + std::os::fd::AsRawFd + Send> Duplex for T {}
 
+/// `NodeConfig::write_batch`'s default, which the bus's Unix links take as
+/// their send buffer.
+const UNIX_SEND_BUFFER: usize = 256 * 1024;
+
 /// Two ends of a fresh tcp or unix connection.
 fn stream_pair(transport: &str) -> (Box<dyn Duplex>, Box<dyn Duplex>) {
     if transport == "unix" {
         let (a, b) = UnixStream::pair().expect("pair");
+        // The send buffer the bus gives its Unix links (one 256 KiB write
+        // batch, doubled by the kernel; `Link::size_send_buffer`): the
+        // bare sockets get the same kernel knob.
+        for end in [&a, &b] {
+            let _ = socket2::SockRef::from(end).set_send_buffer_size(UNIX_SEND_BUFFER);
+        }
         return (Box::new(a), Box::new(b));
     }
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
