@@ -77,6 +77,8 @@ pub struct NodeConfig {
     /// connection may send before it is closed with BAD_FRAME.
     pub max_bad_frames: u32,
     /// Bytes a connection buffers for one write before new stream data waits.
+    /// Unix stream connections also take it as their `SO_SNDBUF` (doubled
+    /// by the kernel, capped at `net.core.wmem_max`).
     pub write_batch: usize,
     /// MTU of UDP paths.
     pub udp_mtu: usize,
