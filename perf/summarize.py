@@ -40,6 +40,17 @@ def machine():
     return f"{cpu}, {cores} cores, Linux {platform.release()}"
 
 
+def add_rtt(t, r):
+    """One ping-pong row's figures (and its in-run baselines) into `t`."""
+    t["p50"].append(r["rtt_p50_us"])
+    t["p99"].append(r["rtt_p99_us"])
+    t["inrun_p50"].append(r["baseline_rtt_p50_us"])
+    t["inrun_p99"].append(r["baseline_rtt_p99_us"])
+    if r.get("handoff_rtt_p50_us") is not None:
+        t["handoff_p50"].append(r["handoff_rtt_p50_us"])
+        t["handoff_p99"].append(r["handoff_rtt_p99_us"])
+
+
 def main(path, commit, date):
     rows = [json.loads(line) for line in open(path) if line.strip().startswith("{")]
     runs = sorted({r.get("run", 1) for r in rows})
@@ -77,37 +88,19 @@ def main(path, commit, date):
         elif kind == "baseline_throughput":
             base[(r["transport"], r["payload"])].append(r["msgs_per_sec"])
         elif kind == "rtt" and r.get("api", "queue") == "queue" and r.get("spin_us", 0) > 0 and not r.get("e2e"):
-            t = srtt[r["transport"]]
-            t["p50"].append(r["rtt_p50_us"])
-            t["p99"].append(r["rtt_p99_us"])
-            t["inrun_p50"].append(r["baseline_rtt_p50_us"])
-            t["inrun_p99"].append(r["baseline_rtt_p99_us"])
-            t["spin"].append(r["spin_us"])
-            if r.get("handoff_rtt_p50_us") is not None:
-                t["handoff_p50"].append(r["handoff_rtt_p50_us"])
-                t["handoff_p99"].append(r["handoff_rtt_p99_us"])
+            add_rtt(srtt[r["transport"]], r)
+            srtt[r["transport"]]["spin"].append(r["spin_us"])
         elif kind == "class" and r.get("api", "queue") == "queue" and r.get("spin_us", 0) > 0:
             continue  # side rows of a spinning run: the class table shows the defaults
         elif kind == "rtt" and r.get("api") == "handler":
-            t = hrtt[r["transport"]]
-            t["p50"].append(r["rtt_p50_us"])
-            t["p99"].append(r["rtt_p99_us"])
-            t["inrun_p50"].append(r["baseline_rtt_p50_us"])
-            t["inrun_p99"].append(r["baseline_rtt_p99_us"])
-            t["spin"].append(r.get("spin_us", 0))
+            add_rtt(hrtt[r["transport"]], r)
+            hrtt[r["transport"]]["spin"].append(r.get("spin_us", 0))
         elif kind == "class" and r.get("api") == "handler":
             c = hklass[r["transport"]]
             c[r["class"] + "_p99"].append(r["rtt_p99_us"])
             c[r["class"] + "_p50"].append(r["rtt_p50_us"])
         elif kind == "rtt" and not r.get("e2e"):
-            t = rtt[r["transport"]]
-            t["p50"].append(r["rtt_p50_us"])
-            t["p99"].append(r["rtt_p99_us"])
-            t["inrun_p50"].append(r["baseline_rtt_p50_us"])
-            t["inrun_p99"].append(r["baseline_rtt_p99_us"])
-            if r.get("handoff_rtt_p50_us") is not None:
-                t["handoff_p50"].append(r["handoff_rtt_p50_us"])
-                t["handoff_p99"].append(r["handoff_rtt_p99_us"])
+            add_rtt(rtt[r["transport"]], r)
         elif kind == "baseline_rtt":
             t = rtt[r["transport"]]
             t["base_p50"].append(r["rtt_p50_us"])
