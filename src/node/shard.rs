@@ -185,6 +185,14 @@ impl ShardState {
         }
     }
 
+    /// Whether a peer's backlog of `left` bytes is low enough to wake a
+    /// sender refused by `send_buffer`: half of it. Waking one for less
+    /// makes it run (and, beside its shard on one core, preempt it) for a
+    /// message or two at a time.
+    fn wakes_refused(&self, left: usize) -> bool {
+        left <= self.shared.config.send_buffer / 2
+    }
+
     /// The current dial epoch of `peer` (see `dial_epochs`).
     pub fn dial_epoch(&self, peer: &str) -> u64 {
         self.dial_epochs.borrow().get(peer).copied().unwrap_or(0)
@@ -651,7 +659,7 @@ impl Endpoint {
                         }
                         queue.pop_front();
                         let left = release(&self.queued.borrow()[usize::from(urgent)], len);
-                        writable |= left <= shard.shared.config.send_buffer / 2;
+                        writable |= shard.wakes_refused(left);
                     }
                     if queue.is_empty() {
                         st.pending.remove(&stream_id);
@@ -1200,15 +1208,14 @@ impl Drain<'_> {
         freed
     }
 
-    /// Whether a counter fell to half of `send_buffer` or below: waking a
-    /// refused sender for less makes it run (and, beside its shard on one
-    /// core, preempt it) for a message or two at a time.
+    /// Whether a counter fell low enough to wake a refused sender
+    /// (`ShardState::wakes_refused`).
     fn release(endpoint: &Endpoint, released: [usize; 2], state: &ShardState) -> bool {
         let mut freed = false;
         for (class, len) in released.into_iter().enumerate() {
             if len > 0 {
                 let left = release(&endpoint.queued.borrow()[class], len);
-                freed |= left <= state.shared.config.send_buffer / 2;
+                freed |= state.wakes_refused(left);
             }
         }
         freed

@@ -486,14 +486,17 @@ async fn drain_inbox(index: usize, inbox: Arc<Inbox>, wake_rx: StdUnixStream) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn jobs_run_on_their_shard_in_order() {
-        let config = RuntimeConfig {
-            shards: 2,
+    fn unpinned(shards: usize) -> RuntimeConfig {
+        RuntimeConfig {
+            shards,
             pin: false,
             ..RuntimeConfig::default()
-        };
-        let runtime = Runtime::start(&config).expect("runtime starts under the default memlock limit");
+        }
+    }
+
+    #[test]
+    fn jobs_run_on_their_shard_in_order() {
+        let runtime = Runtime::start(&unpinned(2)).expect("runtime starts under the default memlock limit");
         let (tx, rx) = crossbeam_channel::unbounded();
         for i in 0..1000 {
             let tx = tx.clone();
@@ -518,12 +521,7 @@ mod tests {
     /// before its look, or just after it (a byte again) all run.
     #[test]
     fn jobs_submitted_around_an_expected_window_run() {
-        let config = RuntimeConfig {
-            shards: 1,
-            pin: false,
-            ..RuntimeConfig::default()
-        };
-        let runtime = Runtime::start(&config).expect("runtime starts");
+        let runtime = Runtime::start(&unpinned(1)).expect("runtime starts");
         let shard = runtime.shard(0).clone();
         for round in 0..300u32 {
             let (ran_tx, ran_rx) = crossbeam_channel::bounded(1);
