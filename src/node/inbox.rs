@@ -48,6 +48,11 @@ impl AppInbox {
         self.queues[usize::from(urgent)].push(message)
     }
 
+    /// Whether a reader is asleep (or about to be) in [`AppInbox::wait`].
+    pub(super) fn has_sleepers(&self) -> bool {
+        self.sleepers.load(Ordering::SeqCst) > 0
+    }
+
     /// Wakes the readers asleep in [`AppInbox::wait`], if any. Call it after
     /// pushing.
     ///

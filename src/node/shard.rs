@@ -175,13 +175,20 @@ impl ShardState {
     pub fn wake_app(&self) {
         let urgent = self.app_wake_urgent.replace(false);
         if self.app_wake.replace(false) {
-            // The reader may run as soon as it is woken (it preempts the
-            // shard), and answer before the shard goes on.
-            runtime::expect_submissions();
+            // A sleeping reader may run as soon as it is woken (it preempts
+            // the shard), and answer before the shard goes on. A reader that
+            // is awake answers through the inbox's wake-up byte as usual:
+            // the window costs two writes of a line submitters share.
+            let sleeping = self.shared.inbox.has_sleepers();
+            if sleeping {
+                runtime::expect_submissions();
+            }
             if self.shared.inbox.wake() || urgent {
                 std::thread::yield_now();
             }
-            runtime::run_submitted_soon();
+            if sleeping {
+                runtime::run_submitted_soon();
+            }
         }
     }
 
