@@ -9,6 +9,7 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use bytes::Bytes;
 
+use super::inbox::MemEntry;
 use super::{Message, SendError, Shared};
 use crate::address::Address;
 use crate::stream::StreamId;
@@ -73,6 +74,8 @@ pub(super) fn lookup(name: &str) -> Option<Arc<Shared>> {
 pub(super) struct MemTarget {
     shared: Weak<Shared>,
     inbox: Arc<super::inbox::AppInbox>,
+    /// The sender's index in the target's inbox (see [`MemEntry`]).
+    sender: u32,
     handler: Arc<std::sync::OnceLock<super::Handler>>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
     max_message_len: usize,
@@ -86,10 +89,12 @@ impl std::fmt::Debug for MemTarget {
 }
 
 impl MemTarget {
-    pub(super) fn new(target: &Arc<Shared>) -> Self {
+    /// `from`'s route to `target`.
+    pub(super) fn new(from: &Shared, target: &Arc<Shared>) -> Self {
         Self {
             shared: Arc::downgrade(target),
             inbox: target.inbox.clone(),
+            sender: target.inbox.mem_sender(&from.small_name),
             handler: target.handler.clone(),
             stopping: target.stopping.clone(),
             max_message_len: target.config.stream.max_message_len,
@@ -110,12 +115,12 @@ pub(super) fn send(
         return Err(stopped());
     }
     super::check_message(peer, stream_id, &data, target.max_message_len)?;
-    let message = Message {
-        from: from.small_name.clone(),
-        stream_id,
-        data,
-    };
     if target.handler.get().is_some() {
+        let message = Message {
+            from: from.small_name.clone(),
+            stream_id,
+            data,
+        };
         // The handler runs on one of the target's shards: the one this
         // sender's name hashes to, so one sender's messages stay in order.
         let Some(shared) = target.shared.upgrade() else {
@@ -125,7 +130,12 @@ pub(super) fn send(
         shared.shards[home].submit(move || super::shard::handle_mem(message));
         return Ok(());
     }
-    match target.inbox.push(message, urgent) {
+    let entry = MemEntry {
+        data,
+        stream_id,
+        sender: target.sender,
+    };
+    match target.inbox.push_mem(entry, urgent) {
         Ok(()) => {
             target.inbox.wake();
             Ok(())
@@ -142,7 +152,7 @@ pub(super) fn send(
             target.mem_waiting[usize::from(urgent)].store(true, Ordering::SeqCst);
             std::sync::atomic::fence(Ordering::SeqCst);
             // The peer may have read its queue down before the flag was up.
-            if target.has_room(urgent) {
+            if target.mem_has_room(urgent) {
                 from.notify_writable();
             }
             Err(SendError::WouldBlock {

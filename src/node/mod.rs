@@ -94,7 +94,9 @@ pub struct NodeConfig {
     /// Received messages queued for the application at most (each class:
     /// urgent and ordinary messages have a queue each). Past it the shard
     /// stops taking messages from the stream layer, whose receive window then
-    /// holds the peer back.
+    /// holds the peer back. Same-process peers' messages have queues of
+    /// their own of this size (made when the first such peer sends); past it
+    /// their `send` answers `WouldBlock`.
     pub recv_queue: usize,
     /// Bytes per peer accepted from other threads and not yet taken by the
     /// stream layer (whose own bound is the stream's `send_window`); past it
@@ -1085,7 +1087,7 @@ impl Shared {
                                 "{peer:?}: its record says it runs in this process, but no such node does"
                             ))
                         })?;
-                        Route::Mem(Arc::new(mem::MemTarget::new(&local)))
+                        Route::Mem(Arc::new(mem::MemTarget::new(self, &local)))
                     }
                     Plan::Dial(addresses) => Route::Shard {
                         home: self.home_shard(peer),
@@ -1225,6 +1227,11 @@ impl Shared {
         self.inbox.len(urgent) <= self.inbox.capacity() / 2
     }
 
+    /// The same for same-process senders' queue of this class.
+    fn mem_has_room(&self, urgent: bool) -> bool {
+        self.inbox.mem_len(urgent) <= self.inbox.capacity() / 2
+    }
+
     /// The next queued message (urgent ones first), and whether it is urgent.
     fn take_message(&self) -> Option<(Message, bool)> {
         self.inbox.take()
@@ -1249,13 +1256,13 @@ impl Shared {
         // pulls the cache line away from the senders that read beside it.
         let blocked = self.app_blocked[class].load(Ordering::Acquire);
         let waiting = self.mem_waiting[class].load(Ordering::Acquire);
-        if !(blocked || waiting) || !self.has_room(urgent) {
+        if !(blocked || waiting) {
             return;
         }
-        if blocked && self.app_blocked[class].swap(false, Ordering::SeqCst) {
+        if blocked && self.has_room(urgent) && self.app_blocked[class].swap(false, Ordering::SeqCst) {
             self.retry_delivery();
         }
-        if waiting && self.mem_waiting[class].swap(false, Ordering::SeqCst) {
+        if waiting && self.mem_has_room(urgent) && self.mem_waiting[class].swap(false, Ordering::SeqCst) {
             let waiters = self
                 .mem_waiters
                 .lock()
@@ -1578,7 +1585,7 @@ impl Node {
         if let Address::Mem(name) = &address {
             let target = mem::lookup(name).ok_or_else(|| SendError::UnknownPeer(format!("{peer} (mem://{name})")))?;
             if let Ok(mut peers) = self.shared.peers.write() {
-                peers.insert(peer, Route::Mem(Arc::new(mem::MemTarget::new(&target))));
+                peers.insert(peer, Route::Mem(Arc::new(mem::MemTarget::new(&self.shared, &target))));
             }
             return Ok(());
         }
