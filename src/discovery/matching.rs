@@ -1,6 +1,6 @@
 //! Pure matching: who may use which gateway, locality, relay choice.
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use twox_hash::XxHash3_64;
 
 use super::{Host, Match, Metadata, NodeRecord, RelaySelector};
 
@@ -120,9 +120,12 @@ pub fn relay_candidates<'a>(
 /// Adding or removing one of N replicas moves only the keys that replica wins
 /// or held, about 1/N, so routes stay stable.
 pub fn rendezvous<'a>(key: &str, replicas: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    replicas
-        .into_iter()
-        .max_by_key(|replica| (xxh3_64_with_seed(key.as_bytes(), xxh3_64(replica.as_bytes())), *replica))
+    replicas.into_iter().max_by_key(|replica| {
+        (
+            XxHash3_64::oneshot_with_seed(XxHash3_64::oneshot(replica.as_bytes()), key.as_bytes()),
+            *replica,
+        )
+    })
 }
 
 /// Every replica ranked for `key` by the weights of [`rendezvous`], best
@@ -131,7 +134,12 @@ pub fn rendezvous<'a>(key: &str, replicas: impl IntoIterator<Item = &'a str>) ->
 pub fn rendezvous_ranking<'a>(key: &str, replicas: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
     let mut ranked: Vec<(u64, &'a str)> = replicas
         .into_iter()
-        .map(|replica| (xxh3_64_with_seed(key.as_bytes(), xxh3_64(replica.as_bytes())), replica))
+        .map(|replica| {
+            (
+                XxHash3_64::oneshot_with_seed(XxHash3_64::oneshot(replica.as_bytes()), key.as_bytes()),
+                replica,
+            )
+        })
         .collect();
     ranked.sort_by(|a, b| b.cmp(a));
     ranked.into_iter().map(|(_, replica)| replica).collect()

@@ -29,7 +29,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use twox_hash::XxHash3_64;
 
 use crate::proto::FrameMessage;
 
@@ -203,7 +203,7 @@ pub fn varint_len(value: u64) -> usize {
 
 /// Frame hash of `bytes`: xxh3-64 seeded with [`HASH_SEED`], low 32 bits.
 pub fn frame_hash(bytes: &[u8]) -> u32 {
-    xxh3_64_with_seed(bytes, HASH_SEED) as u32
+    XxHash3_64::oneshot_with_seed(HASH_SEED, bytes) as u32
 }
 
 /// What a frame carries, as the encoder needs it: its protobuf length and
@@ -523,8 +523,26 @@ mod tests {
     fn hash_is_xxh3_seeded_low_32_le() {
         let buf = encode(&packet(1, b"x"));
         let n = buf.len();
-        let expected = xxh3_64_with_seed(&buf[..n - 4], 0x0100_0193) as u32;
+        let expected = xxhash_rust::xxh3::xxh3_64_with_seed(&buf[..n - 4], 0x0100_0193) as u32;
         assert_eq!(&buf[n - 4..], &expected.to_le_bytes());
+    }
+
+    /// The frame hash (twox-hash, SIMD picked at run time) is the reference
+    /// xxh3 (xxhash-rust) at every length class: short, mid, long, with
+    /// and without a partial stripe and block.
+    #[test]
+    fn frame_hash_matches_the_reference_xxh3() {
+        let data: Vec<u8> = (0..70_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let lengths = (0..=1100).chain([1023, 1024, 1025, 4095, 4096, 16_383, 16_384, 16_385, 65_536, 70_000]);
+        for len in lengths {
+            for start in [0, 3] {
+                let bytes = &data[start..start + len.min(data.len() - start)];
+                let reference = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, HASH_SEED) as u32;
+                assert_eq!(frame_hash(bytes), reference, "length {}", bytes.len());
+            }
+        }
     }
 
     #[test]

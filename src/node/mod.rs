@@ -1022,7 +1022,7 @@ impl Shared {
     }
 
     fn home_shard(&self, name: &str) -> usize {
-        (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % self.shards.len() as u64) as usize
+        (twox_hash::XxHash3_64::oneshot(name.as_bytes()) % self.shards.len() as u64) as usize
     }
 
     /// The byte counter of `peer`'s route through its home shard, made (with
