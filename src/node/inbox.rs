@@ -54,6 +54,9 @@ pub(super) struct AppInbox {
     /// grows: one name per same-process node that ever sent here.
     mem_names: boxcar::Vec<SmolStr>,
     mem_index: Mutex<HashMap<SmolStr, u32>>,
+    /// The last message a reader took came from a same-process sender
+    /// (see [`AppInbox::expects_mem`]); written by readers when it changes.
+    mem_recent: CachePadded<AtomicBool>,
     /// Readers asleep (or about to be) in [`AppInbox::wait`].
     sleepers: CachePadded<AtomicUsize>,
     /// A wake-up is on its way to the sleepers: pushes until they look again
@@ -72,6 +75,7 @@ impl AppInbox {
             mem: OnceLock::new(),
             mem_names: boxcar::Vec::new(),
             mem_index: Mutex::new(HashMap::new()),
+            mem_recent: CachePadded::new(AtomicBool::new(false)),
             sleepers: CachePadded::new(AtomicUsize::new(0)),
             notified: CachePadded::new(AtomicBool::new(false)),
             generation: Mutex::new(0),
@@ -109,7 +113,22 @@ impl AppInbox {
         self.mem_queues()[usize::from(urgent)].push(entry)
     }
 
+    /// Whether the last message taken came from a same-process sender:
+    /// the next one is then likely a moment away (a same-process peer
+    /// answers in well under a microsecond), while a sleeping reader's
+    /// wake-up costs its sender tens.
+    pub(super) fn expects_mem(&self) -> bool {
+        self.mem_recent.load(Ordering::Relaxed)
+    }
+
+    fn note_source(&self, mem: bool) {
+        if self.mem_recent.load(Ordering::Relaxed) != mem {
+            self.mem_recent.store(mem, Ordering::Relaxed);
+        }
+    }
+
     fn mem_message(&self, entry: MemEntry) -> Message {
+        self.note_source(true);
         Message {
             from: self.mem_names.get(entry.sender as usize).cloned().unwrap_or_default(),
             stream_id: entry.stream_id,
@@ -161,6 +180,7 @@ impl AppInbox {
         if !self.queues[1].is_empty()
             && let Some(message) = self.queues[1].pop()
         {
+            self.note_source(false);
             return Some((message, true));
         }
         let Some(mem) = self.mem.get() else {
@@ -179,6 +199,7 @@ impl AppInbox {
                 return Some((self.mem_message(entry), false));
             }
             if let Some(message) = self.queues[0].pop() {
+                self.note_source(false);
                 return Some((message, false));
             }
         }
@@ -317,6 +338,24 @@ mod tests {
         let kinds: Vec<bool> = ordinary[..4].iter().map(|m| m.0 == "peer").collect();
         assert_eq!(kinds.iter().filter(|&&shard| shard).count(), 2, "{ordinary:?}");
         assert_eq!(inbox.total(), 0);
+    }
+
+    /// `expects_mem` follows where the last message taken came from.
+    #[test]
+    fn the_reader_remembers_where_its_last_message_came_from() {
+        let inbox = AppInbox::new(4);
+        assert!(!inbox.expects_mem());
+        inbox.push_mem(entry(&inbox, "x", 1), false).unwrap();
+        inbox.push(message(2), true).unwrap();
+        assert_eq!(inbox.take().map(|(m, _)| m.data[0]), Some(2));
+        assert!(!inbox.expects_mem(), "a shard's message");
+        assert_eq!(inbox.take().map(|(m, _)| m.data[0]), Some(1));
+        assert!(inbox.expects_mem(), "a same-process sender's");
+        assert!(inbox.take().is_none());
+        assert!(inbox.expects_mem(), "unchanged by an empty look");
+        inbox.push(message(3), false).unwrap();
+        assert_eq!(inbox.take().map(|(m, _)| m.data[0]), Some(3));
+        assert!(!inbox.expects_mem());
     }
 
     /// The same-process queue is bounded by the same capacity, per class.
