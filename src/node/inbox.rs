@@ -121,6 +121,12 @@ impl AppInbox {
         self.mem_recent.load(Ordering::Relaxed)
     }
 
+    /// A reader looked for a same-process message in vain: stop expecting
+    /// one until the next comes.
+    pub(super) fn stop_expecting_mem(&self) {
+        self.note_source(false);
+    }
+
     fn note_source(&self, mem: bool) {
         if self.mem_recent.load(Ordering::Relaxed) != mem {
             self.mem_recent.store(mem, Ordering::Relaxed);
@@ -353,6 +359,11 @@ mod tests {
         assert!(inbox.expects_mem(), "a same-process sender's");
         assert!(inbox.take().is_none());
         assert!(inbox.expects_mem(), "unchanged by an empty look");
+        inbox.stop_expecting_mem();
+        assert!(!inbox.expects_mem(), "a long look ran dry");
+        inbox.push_mem(entry(&inbox, "x", 4), false).unwrap();
+        assert_eq!(inbox.take().map(|(m, _)| m.data[0]), Some(4));
+        assert!(inbox.expects_mem(), "expected again");
         inbox.push(message(3), false).unwrap();
         assert_eq!(inbox.take().map(|(m, _)| m.data[0]), Some(3));
         assert!(!inbox.expects_mem());

@@ -1320,7 +1320,9 @@ fn adapt_recv_spins(budget: u32, found: bool) -> u32 {
 }
 
 /// How long `recv_timeout` keeps looking, yielding its core between looks,
-/// before it sleeps when the last message came from a same-process peer.
+/// before it sleeps when the last message came from a same-process peer
+/// (once per quiet spell: a look that runs dry is not repeated until such
+/// a message comes again).
 /// Such a peer answers in well under a microsecond, but a sleeping reader's
 /// wake-up takes tens (futex wake and reschedule; ~20-50 µs on a VM): with
 /// the short spin alone, two same-process threads in a request-reply loop
@@ -1765,6 +1767,11 @@ impl Node {
         }
         if taken.is_none() && shared.inbox.expects_mem() {
             taken = shared.take_mem_soon(timeout.min(MEM_RECV_WAIT));
+            if taken.is_none() {
+                // Gone quiet: the next calls sleep at once, until a
+                // same-process message comes again.
+                shared.inbox.stop_expecting_mem();
+            }
         }
         if taken.is_none() {
             taken = shared.inbox.wait(timeout);
