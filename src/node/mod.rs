@@ -754,15 +754,21 @@ impl Shared {
                 stream_id,
             });
         }
-        match self.send_routed(peer, stream_id, data, urgent, groups) {
-            Err(Unrouted(data)) => {
-                // First send to this name.
-                self.resolve(peer)?;
-                self.send_routed(peer, stream_id, data, urgent, groups)
-                    .unwrap_or_else(|_| Err(SendError::UnknownPeer(peer.to_string())))
+        let mut data = data;
+        // No route: the first send to this name, or a discovery change
+        // dropped the route (a group's route goes with every change of its
+        // record, perhaps right after `resolve` made it): look it up again.
+        for _ in 0..RESOLVE_TRIES {
+            match self.send_routed(peer, stream_id, data, urgent, groups) {
+                Ok(result) => return result,
+                Err(Unrouted(back)) => {
+                    data = back;
+                    self.resolve(peer)?;
+                }
             }
-            Ok(result) => result,
         }
+        self.send_routed(peer, stream_id, data, urgent, groups)
+            .unwrap_or_else(|_| Err(SendError::UnknownPeer(peer.to_string())))
     }
 
     /// Sends along the route `peer` has, with one map lookup; `Unrouted`
@@ -1318,6 +1324,10 @@ fn adapt_recv_spins(budget: u32, found: bool) -> u32 {
         budget.saturating_sub(1).max(1)
     }
 }
+
+/// Lookups of a route that discovery changes keep dropping before `send`
+/// gives up on it.
+const RESOLVE_TRIES: usize = 3;
 
 /// How long `recv_timeout` keeps looking, yielding its core between looks,
 /// before it sleeps when the last message came from a same-process peer
