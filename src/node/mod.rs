@@ -100,7 +100,8 @@ pub struct NodeConfig {
     pub recv_queue: usize,
     /// Bytes per peer accepted from other threads and not yet taken by the
     /// stream layer (whose own bound is the stream's `send_window`); past it
-    /// `send` answers `WouldBlock`.
+    /// `send` answers `WouldBlock`, and [`Node::wait_writable`] returns once
+    /// an eighth of it is free again.
     pub send_buffer: usize,
     /// Messages queued per shard from other threads at most.
     pub send_queue: usize,
