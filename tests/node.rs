@@ -410,24 +410,24 @@ fn a_refused_sender_wakes_to_an_eighth_of_a_free_send_buffer() {
     const BUFFER: usize = 128 * 1024;
     const SIZE: usize = 4096;
     let discovery = Arc::new(MemoryDiscovery::new());
-    let mut config = NodeConfig::new("half-sender", &["tcp://127.0.0.1:0"]).expect("config");
+    let mut config = NodeConfig::new("eighth-sender", &["tcp://127.0.0.1:0"]).expect("config");
     config.discovery = DiscoverySource(discovery.clone());
     config.send_buffer = BUFFER;
     config.stream.send_window = 32 * 1024;
     config.stream.max_message_len = SIZE;
     // Hosts of their own: tcp between them, not the same-process route.
     config.host = Some(Host {
-        hostname: "half-host-a".into(),
+        hostname: "eighth-host-a".into(),
         pid: 1,
     });
     let a = Node::start(config).expect("a starts");
-    let mut config = NodeConfig::new("half-receiver", &["tcp://127.0.0.1:0"]).expect("config");
+    let mut config = NodeConfig::new("eighth-receiver", &["tcp://127.0.0.1:0"]).expect("config");
     config.discovery = DiscoverySource(discovery.clone());
     config.recv_queue = 4;
     config.stream.recv_window = 32 * 1024;
     config.stream.max_message_len = SIZE;
     config.host = Some(Host {
-        hostname: "half-host-b".into(),
+        hostname: "eighth-host-b".into(),
         pid: 1,
     });
     let b = Arc::new(Node::start(config).expect("b starts"));
@@ -441,7 +441,7 @@ fn a_refused_sender_wakes_to_an_eighth_of_a_free_send_buffer() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let since = loop {
         let since = a.writable_generation();
-        match a.send("half-receiver", 1, message(sent)) {
+        match a.send("eighth-receiver", 1, message(sent)) {
             Ok(()) => sent += 1,
             // Refused by send_buffer; for good once nothing frees space for
             // a while (the windows are full), not while connecting.
@@ -473,7 +473,7 @@ fn a_refused_sender_wakes_to_an_eighth_of_a_free_send_buffer() {
     let woken = a.wait_writable(since, Duration::from_secs(30));
     assert_ne!(woken, since, "the refused sender was never woken");
     for _ in 0..BUFFER / 8 / SIZE {
-        a.send("half-receiver", 1, message(sent))
+        a.send("eighth-receiver", 1, message(sent))
             .expect("an eighth of the buffer is free at the wake-up");
         sent += 1;
     }
