@@ -7,9 +7,11 @@ mod sim;
 use std::time::Duration;
 
 use bytes::Bytes;
-use libatbus::proto::{AcknowledgeData, AtbusCloseReason, AtbusPacketFragmentFlagType, CloseReasonData, Fragment};
+use libatbus::proto::{AcknowledgeData, AtbusCloseReason, CloseReasonData};
 use libatbus::proto::{AtbusPacketFlagType, StreamAcknowledge};
-use libatbus::stream::{Config, Event, Packet, PathConfig, PathId, ProtocolError, SendError, Session, Transmit};
+use libatbus::stream::{
+    Config, Event, Fragment, Packet, PathConfig, PathId, ProtocolError, SendError, Session, Transmit,
+};
 use proptest::prelude::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -383,10 +385,7 @@ fn peer_violations_are_errors_not_panics() {
         offset: 0,
         flags: 0,
         timepoint: 0,
-        fragments: vec![Fragment {
-            data: Bytes::from_static(b"x"),
-            ..Default::default()
-        }],
+        fragments: vec![Fragment::data(Bytes::from_static(b"x"), false)],
     };
     s.handle_packet(now, PathId(1), packet(10)).unwrap();
     s.handle_packet(now, PathId(1), packet(11)).unwrap();
@@ -433,15 +432,7 @@ fn cut_into_packets(msgs: &[Vec<u8>], cuts: &[usize]) -> Vec<Packet> {
     while i + 1 < points.len() {
         let take = 1 + (points[i] % 3).min(points.len() - i - 2);
         let fragments = (i..i + take)
-            .map(|j| Fragment {
-                data: all.slice(points[j]..points[j + 1]),
-                fragment_flag: if ends.contains(&points[j + 1]) {
-                    0
-                } else {
-                    AtbusPacketFragmentFlagType::HasMore as i32
-                },
-                ..Default::default()
-            })
+            .map(|j| Fragment::data(all.slice(points[j]..points[j + 1]), !ends.contains(&points[j + 1])))
             .collect();
         packets.push(Packet {
             stream_id: STREAM,

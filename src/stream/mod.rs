@@ -37,6 +37,7 @@
 //! Not yet here: congestion control beyond a fixed per-path in-flight window
 //! ([`Config::path_window`]), and the low-latency scheduling class.
 
+mod fragment;
 mod recv;
 mod rtt;
 mod send;
@@ -48,12 +49,11 @@ use bytes::{Bytes, BytesMut};
 use prost::Message;
 use prost::encoding;
 
+pub use fragment::{Content, Fragment};
 pub use session::{PathStats, Session};
 
 use crate::frame::FrameBody;
-use crate::proto::{
-    AcknowledgeData, AtbusPacketFlagType, Body, Fragment, FrameMessage, MessageHead, PacketContent, PacketData,
-};
+use crate::proto::{AcknowledgeData, AtbusPacketFlagType, Body, FrameMessage, MessageHead, PacketData};
 
 /// Stream identifier; negative ids are internal (handshake, commands).
 pub type StreamId = i64;
@@ -343,8 +343,8 @@ impl Packet {
     /// `content`, a copy of every payload; the node's paths skip it and frame
     /// packets with [`PacketFrame`]).
     pub fn into_data(self) -> PacketData {
-        let content = PacketContent {
-            fragment: self.fragments,
+        let content = Content {
+            fragments: self.fragments,
         };
         PacketData {
             stream_id: self.stream_id,
@@ -532,13 +532,15 @@ mod tests {
             proptest::option::of(("[a-z]{0,8}", "[a-z]{0,8}")),
             proptest::option::of((any::<i32>(), "[a-z ]{0,12}")),
         )
-            .prop_map(|(packet_type, data, fragment_flag, label, close)| Fragment {
-                packet_type,
-                data: Bytes::from(data),
-                fragment_flag,
-                labels: label.into_iter().collect::<BTreeMap<_, _>>(),
-                close_reason: close.map(|(code, message)| CloseReasonData { code, message }),
-                ..Fragment::default()
+            .prop_map(|(packet_type, data, fragment_flag, label, close)| {
+                Fragment::from(crate::proto::Fragment {
+                    packet_type,
+                    data: Bytes::from(data),
+                    fragment_flag,
+                    labels: label.into_iter().collect::<BTreeMap<_, _>>(),
+                    close_reason: close.map(|(code, message)| CloseReasonData { code, message }),
+                    ..crate::proto::Fragment::default()
+                })
             })
     }
 
@@ -590,15 +592,8 @@ mod tests {
             flags: 0,
             timepoint: 123_456_789,
             fragments: vec![
-                Fragment {
-                    data: Bytes::from(vec![7u8; 16_384]),
-                    fragment_flag: 1,
-                    ..Fragment::default()
-                },
-                Fragment {
-                    data: Bytes::from(vec![9u8; 200]),
-                    ..Fragment::default()
-                },
+                Fragment::data(Bytes::from(vec![7u8; 16_384]), true),
+                Fragment::data(Bytes::from(vec![9u8; 200]), false),
             ],
         };
         let head = MessageHead {

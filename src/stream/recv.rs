@@ -17,7 +17,7 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 use rangemap::RangeSet;
 
-use crate::proto::Fragment;
+use super::Fragment;
 
 /// What one packet did to the stream.
 #[derive(Debug, Default)]
@@ -319,18 +319,9 @@ impl RecvStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::AtbusPacketFragmentFlagType;
 
     fn frag(data: &[u8], has_more: bool) -> Fragment {
-        Fragment {
-            data: Bytes::copy_from_slice(data),
-            fragment_flag: if has_more {
-                AtbusPacketFragmentFlagType::HasMore as i32
-            } else {
-                0
-            },
-            ..Default::default()
-        }
+        Fragment::data(Bytes::copy_from_slice(data), has_more)
     }
 
     fn drain(r: &mut RecvStream) -> Vec<Bytes> {
@@ -358,10 +349,7 @@ mod tests {
     fn duplicates_are_ignored_and_single_fragment_is_zero_copy() {
         let mut r = RecvStream::default();
         let data = Bytes::from_static(b"abc");
-        let f = Fragment {
-            data: data.clone(),
-            ..Default::default()
-        };
+        let f = Fragment::data(data.clone(), false);
         assert_eq!(r.insert(0, vec![f.clone()], false, u64::MAX).accepted, 3);
         assert_eq!(r.insert(0, vec![f.clone()], false, u64::MAX).accepted, 0);
         let msg = r.next_message().unwrap();

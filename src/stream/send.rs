@@ -7,8 +7,12 @@ use std::ops::Range;
 use bytes::Bytes;
 use rangemap::RangeSet;
 
-use super::{FRAGMENT_OVERHEAD, SendError, StreamId};
-use crate::proto::{AtbusPacketFlagType, AtbusPacketFragmentFlagType, Fragment};
+use super::{FRAGMENT_OVERHEAD, Fragment, SendError, StreamId};
+use crate::proto::AtbusPacketFlagType;
+
+/// Fragments a packet's list is sized for up front at most (48 KiB); more
+/// grow it.
+const MAX_PRESIZED_FRAGMENTS: usize = 1024;
 
 /// A packet's worth of stream data cut from the send buffer.
 #[derive(Debug)]
@@ -255,7 +259,10 @@ impl SendStream {
             .partition_point(|(offset, data)| offset + data.len() as u64 <= first.start);
         let mut position = first.start;
         let mut left = budget;
-        let mut fragments = Vec::new();
+        // Sized for the messages the budget can hold (a 64 KiB packet of 64 B
+        // messages holds about a thousand) rather than grown by doubling.
+        let room = (budget / (FRAGMENT_OVERHEAD + 1)).min(MAX_PRESIZED_FRAGMENTS);
+        let mut fragments = Vec::with_capacity(self.messages.len().saturating_sub(index).min(room));
         while position < data_end && left > FRAGMENT_OVERHEAD {
             let Some((offset, data)) = self.messages.get(index) else {
                 break;
@@ -276,15 +283,7 @@ impl SendStream {
             let from = (position - offset) as usize;
             let piece = data.slice(from..from + take as usize);
             let has_more = position + take < message_end;
-            fragments.push(Fragment {
-                data: piece,
-                fragment_flag: if has_more {
-                    AtbusPacketFragmentFlagType::HasMore as i32
-                } else {
-                    AtbusPacketFragmentFlagType::None as i32
-                },
-                ..Default::default()
-            });
+            fragments.push(Fragment::data(piece, has_more));
             left -= take as usize + FRAGMENT_OVERHEAD;
             position += take;
             if !has_more {

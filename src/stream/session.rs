@@ -11,13 +11,10 @@ use super::recv::RecvStream;
 use super::rtt::RttEstimator;
 use super::send::SendStream;
 use super::{
-    CONTROL_STREAM, Config, Event, FRAGMENT_OVERHEAD, MAX_SACK_RANGES, PACKET_OVERHEAD, Packet, PathConfig, PathId,
-    ProtocolError, SendError, StreamId, Transmit,
+    CONTROL_STREAM, Config, Content, Event, FRAGMENT_OVERHEAD, Fragment, MAX_SACK_RANGES, PACKET_OVERHEAD, Packet,
+    PathConfig, PathId, ProtocolError, SendError, StreamId, Transmit,
 };
-use crate::proto::{
-    AcknowledgeData, AtbusPacketFlagType, CloseReasonData, Fragment, OffsetRange, PacketContent, PacketData,
-    StreamAcknowledge,
-};
+use crate::proto::{AcknowledgeData, AtbusPacketFlagType, CloseReasonData, OffsetRange, PacketData, StreamAcknowledge};
 
 /// Counters of one path (see [`Session::path_stats`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,7 +117,7 @@ pub struct Session {
     recv: BTreeMap<StreamId, RecvStream>,
     /// Delivered-but-not-polled message bytes per stream: they count against
     /// the receive window, so an application that stops reading stops the flow.
-    queued: HashMap<StreamId, usize>,
+    queued: BTreeMap<StreamId, usize>,
     paths: BTreeMap<PathId, Path>,
     events: VecDeque<Event>,
     /// Messages (and the finish) of streams the peer flagged urgent: the
@@ -148,7 +145,7 @@ impl Session {
             epoch: now,
             send: BTreeMap::new(),
             recv: BTreeMap::new(),
-            queued: HashMap::new(),
+            queued: BTreeMap::new(),
             paths: BTreeMap::new(),
             events: VecDeque::new(),
             urgent_events: VecDeque::new(),
@@ -387,7 +384,7 @@ impl Session {
     /// A packet arrived on `path`.
     pub fn handle_packet(&mut self, now: Instant, path_id: PathId, packet: Packet) -> Result<(), ProtocolError> {
         if packet.has_flag(AtbusPacketFlagType::FinishConnection) {
-            let reason = packet.fragments.into_iter().find_map(|f| f.close_reason);
+            let reason = packet.fragments.into_iter().find_map(Fragment::into_close_reason);
             self.remove_path(path_id);
             self.events.push_back(Event::PathClosed { path: path_id, reason });
             return Ok(());
@@ -647,10 +644,7 @@ impl Session {
                 offset: 0,
                 flags: AtbusPacketFlagType::FinishConnection as i32,
                 timepoint: 0,
-                fragments: vec![Fragment {
-                    close_reason: Some(reason),
-                    ..Default::default()
-                }],
+                fragments: vec![Fragment::closing(reason)],
             },
         })
     }
@@ -839,13 +833,13 @@ impl Packet {
     /// Builds from a received `packet_data`, decoding its content.
     pub fn from_data(data: PacketData) -> Result<Self, ProtocolError> {
         let offset = u64::try_from(data.stream_offset).map_err(|_| ProtocolError::NegativeOffset)?;
-        let content = PacketContent::decode(data.content).map_err(ProtocolError::Content)?;
+        let content = Content::decode(data.content).map_err(ProtocolError::Content)?;
         Ok(Self {
             stream_id: data.stream_id,
             offset,
             flags: data.flags,
             timepoint: data.timepoint_microseconds,
-            fragments: content.fragment,
+            fragments: content.fragments,
         })
     }
 }
