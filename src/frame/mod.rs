@@ -27,6 +27,9 @@
 //! the framing (bad version, oversized or malformed length) are fatal: see
 //! [`DecodeError::is_fatal`].
 
+use std::collections::VecDeque;
+use std::hash::Hasher;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use twox_hash::XxHash3_64;
@@ -214,6 +217,42 @@ pub trait FrameBody {
     fn body_len(&self) -> usize;
     /// Appends the protobuf encoding (exactly [`FrameBody::body_len`] bytes).
     fn encode_body(&self, dst: &mut BytesMut);
+    /// The same bytes, large payloads passed by reference (see
+    /// [`Gather::payload`]); by default all copied.
+    fn encode_body_gathered(&self, dst: &mut Gather<'_>) {
+        self.encode_body(dst.out());
+    }
+}
+
+/// A frame's bytes on their way to a byte-stream socket, written by
+/// [`Encoder::encode_gathered`]: what is in `segments` goes first, then
+/// `out`. A large payload joins `segments` as the caller's `Bytes` instead
+/// of being copied: the socket's gathering write takes it from there.
+pub struct Gather<'a> {
+    out: &'a mut BytesMut,
+    segments: &'a mut VecDeque<Bytes>,
+    hasher: XxHash3_64,
+    /// Where the bytes of `out` not hashed yet start.
+    unhashed: usize,
+}
+
+impl Gather<'_> {
+    /// Where the frame's small parts are written.
+    pub fn out(&mut self) -> &mut BytesMut {
+        self.out
+    }
+
+    /// Appends `data` by reference (what `out` holds goes to the segments
+    /// first).
+    pub fn payload(&mut self, data: &Bytes) {
+        self.hasher.write(&self.out[self.unhashed..]);
+        self.hasher.write(data);
+        if !self.out.is_empty() {
+            self.segments.push_back(self.out.split().freeze());
+        }
+        self.segments.push_back(data.clone());
+        self.unhashed = 0;
+    }
 }
 
 impl FrameBody for FrameMessage {
@@ -263,6 +302,46 @@ impl Encoder {
         let hash = frame_hash(&dst[start..]);
         dst.put_u32_le(hash);
         debug_assert_eq!(dst.len() - start, total);
+        Ok(total)
+    }
+
+    /// Appends one frame holding `msg` as [`Encoder::encode`] would, except
+    /// that the payloads `msg` passes by reference ([`Gather::payload`]) go
+    /// to `segments`, each after what `out` held before it; the bytes on the
+    /// wire are `segments` then `out`, the same as `encode`'s. Returns the
+    /// frame's length.
+    pub fn encode_gathered(
+        &self,
+        msg: &impl FrameBody,
+        out: &mut BytesMut,
+        segments: &mut VecDeque<Bytes>,
+    ) -> Result<usize, EncodeError> {
+        let body = msg.body_len();
+        if body > self.config.max_frame_len {
+            return Err(EncodeError::FrameTooLarge {
+                length: body,
+                max: self.config.max_frame_len,
+            });
+        }
+        let total = varint_len(PROTOCOL_VERSION) + varint_len(body as u64) + body + HASH_LEN;
+        let start = out.len();
+        prost::encoding::encode_varint(PROTOCOL_VERSION, out);
+        prost::encoding::encode_varint(body as u64, out);
+        let mut gather = Gather {
+            out,
+            segments,
+            hasher: XxHash3_64::with_seed(HASH_SEED),
+            unhashed: start,
+        };
+        msg.encode_body_gathered(&mut gather);
+        let Gather {
+            out,
+            mut hasher,
+            unhashed,
+            ..
+        } = gather;
+        hasher.write(&out[unhashed..]);
+        out.put_u32_le(hasher.finish() as u32);
         Ok(total)
     }
 }

@@ -458,6 +458,44 @@ async fn write_all<L: Link>(link: &L, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes `parts` in order on a stream link, as few gathering writes as the
+/// socket takes.
+async fn write_all_gathered<L: Link>(link: &L, mut parts: Vec<Bytes>) -> io::Result<()> {
+    use bytes::Buf;
+    /// Slices per write (the kernel takes up to `IOV_MAX`, 1024).
+    const MAX_SLICES: usize = 256;
+    let mut first = 0;
+    while first < parts.len() {
+        let n = {
+            let slices: Vec<io::IoSlice<'_>> = parts[first..]
+                .iter()
+                .take(MAX_SLICES)
+                .map(|part| io::IoSlice::new(part))
+                .collect();
+            link.send_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes"));
+        }
+        let mut left = n;
+        while left > 0 && first < parts.len() {
+            let part = &mut parts[first];
+            if left >= part.len() {
+                left -= part.len();
+                first += 1;
+            } else {
+                part.advance(left);
+                left = 0;
+            }
+        }
+        // Empty parts (none are made, but cheap to pass over).
+        while first < parts.len() && parts[first].is_empty() {
+            first += 1;
+        }
+    }
+    Ok(())
+}
+
 /// Reads frames from a link: stream links through the streaming decoder,
 /// datagram links one frame per datagram.
 struct FrameReader {
@@ -1357,6 +1395,7 @@ async fn writer<L: Link>(
 ) {
     enum Work {
         Bytes(Bytes),
+        Gathered(Vec<Bytes>),
         Datagrams(Vec<Bytes>),
         Close,
         Stop,
@@ -1371,6 +1410,13 @@ async fn writer<L: Link>(
             };
             if path.dead {
                 return Poll::Ready(Work::Stop);
+            }
+            if !path.gathered.is_empty() {
+                let mut parts: Vec<Bytes> = path.gathered.drain(..).collect();
+                if !path.out.is_empty() {
+                    parts.push(path.out.split().freeze());
+                }
+                return Poll::Ready(Work::Gathered(parts));
             }
             if !path.out.is_empty() {
                 return Poll::Ready(Work::Bytes(path.out.split().freeze()));
@@ -1397,6 +1443,13 @@ async fn writer<L: Link>(
             }
             Work::Bytes(bytes) => {
                 let written = write_all(&*link, &bytes).await;
+                if !latency {
+                    runtime::yield_to_latency().await;
+                }
+                written
+            }
+            Work::Gathered(parts) => {
+                let written = write_all_gathered(&*link, parts).await;
                 if !latency {
                     runtime::yield_to_latency().await;
                 }

@@ -226,8 +226,11 @@ fn release(counter: &std::sync::atomic::AtomicUsize, len: usize) -> usize {
 /// Write side of one connection, kept by its endpoint so that any task that
 /// drives the session can encode frames for it.
 pub(super) struct PathIo {
-    /// Encoded frames not yet written (stream links).
+    /// Encoded frames not yet written (stream links), after `gathered`.
     pub out: BytesMut,
+    /// Bytes to write before `out`: parts of frames and large payloads
+    /// passed by reference (`Encoder::encode_gathered`), in order.
+    pub gathered: VecDeque<Bytes>,
     /// Encoded frames not yet written, one datagram each (datagram links).
     pub datagrams: VecDeque<Bytes>,
     pub datagram: bool,
@@ -250,6 +253,7 @@ impl PathIo {
     pub fn new(datagram: bool, latency: bool, head: Option<crate::proto::MessageHead>) -> Self {
         Self {
             out: BytesMut::new(),
+            gathered: VecDeque::new(),
             datagrams: VecDeque::new(),
             datagram,
             writer: None,
@@ -263,7 +267,13 @@ impl PathIo {
     }
 
     pub fn buffered(&self) -> usize {
-        self.out.len() + self.datagrams.iter().map(Bytes::len).sum::<usize>()
+        self.out.len()
+            + self
+                .gathered
+                .iter()
+                .chain(&self.datagrams)
+                .map(Bytes::len)
+                .sum::<usize>()
     }
 
     fn push_frame(&mut self, encoder: &Encoder, mut frame: FrameMessage) {
@@ -280,7 +290,13 @@ impl PathIo {
         match transmit {
             Transmit::Packet { packet, .. } => {
                 let body = PacketFrame::new(self.head.as_ref(), &packet);
-                let result = encoder.encode(&body, &mut self.out);
+                // Large payloads go to a stream socket by reference (a
+                // gathering write) instead of a copy into the frame.
+                let result = if !self.datagram && body.gathers() {
+                    encoder.encode_gathered(&body, &mut self.out, &mut self.gathered)
+                } else {
+                    encoder.encode(&body, &mut self.out)
+                };
                 self.encoded(result);
             }
             ack @ Transmit::Ack { .. } => self.push_frame(encoder, ack.into_frame()),

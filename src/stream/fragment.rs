@@ -13,7 +13,13 @@ use bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::{DecodeError, Message};
 
+use crate::frame::Gather;
 use crate::proto::{self, AtbusPacketFragmentFlagType, CloseReasonData};
+
+/// Payloads at least this long go to a byte-stream socket by reference
+/// (a gathering write) instead of being copied into the frame
+/// ([`PacketFrame::gathers`](super::PacketFrame::gathers)).
+pub const GATHER_MIN: usize = 4096;
 
 /// `packet_content.fragment_type`'s first field the box holds.
 const FIRST_RARE_TAG: u32 = 4;
@@ -64,6 +70,27 @@ impl Fragment {
     /// Whether more fragments of the same message follow this one.
     pub fn has_more(&self) -> bool {
         self.fragment_flag & AtbusPacketFragmentFlagType::HasMore as i32 != 0
+    }
+
+    /// Appends the encoding of [`Message::encode_raw`], a payload of
+    /// [`GATHER_MIN`] bytes or more by reference.
+    pub(crate) fn encode_gathered(&self, dst: &mut Gather<'_>) {
+        if self.data.len() < GATHER_MIN {
+            self.encode_raw(dst.out());
+            return;
+        }
+        if self.packet_type != 0 {
+            encoding::int32::encode(1, &self.packet_type, dst.out());
+        }
+        encoding::encode_key(2, WireType::LengthDelimited, dst.out());
+        encoding::encode_varint(self.data.len() as u64, dst.out());
+        dst.payload(&self.data);
+        if self.fragment_flag != 0 {
+            encoding::int32::encode(3, &self.fragment_flag, dst.out());
+        }
+        if let Some(rare) = &self.rare {
+            rare.encode_raw(dst.out());
+        }
     }
 
     /// The close reason it carries, if any.

@@ -49,10 +49,10 @@ use bytes::{Bytes, BytesMut};
 use prost::Message;
 use prost::encoding;
 
-pub use fragment::{Content, Fragment};
+pub use fragment::{Content, Fragment, GATHER_MIN};
 pub use session::{PathStats, Session};
 
-use crate::frame::FrameBody;
+use crate::frame::{FrameBody, Gather};
 use crate::proto::{AcknowledgeData, AtbusPacketFlagType, Body, FrameMessage, MessageHead, PacketData};
 
 /// Stream identifier; negative ids are internal (handshake, commands).
@@ -421,12 +421,42 @@ impl FrameBody for PacketFrame<'_> {
     }
 
     fn encode_body(&self, dst: &mut BytesMut) {
+        self.encode_before_fragments(dst);
+        if self.content != 0 {
+            for fragment in &self.packet.fragments {
+                encoding::message::encode(1, fragment, dst);
+            }
+        }
+        self.encode_after_fragments(dst);
+    }
+
+    fn encode_body_gathered(&self, dst: &mut Gather<'_>) {
+        self.encode_before_fragments(dst.out());
+        if self.content != 0 {
+            for fragment in &self.packet.fragments {
+                encoding::encode_key(1, encoding::WireType::LengthDelimited, dst.out());
+                encoding::encode_varint(fragment.encoded_len() as u64, dst.out());
+                fragment.encode_gathered(dst);
+            }
+        }
+        self.encode_after_fragments(dst.out());
+    }
+}
+
+impl PacketFrame<'_> {
+    /// Whether a fragment is large enough to go to the socket by reference
+    /// ([`Encoder::encode_gathered`](crate::frame::Encoder::encode_gathered)).
+    pub fn gathers(&self) -> bool {
+        self.packet.fragments.iter().any(|f| f.data.len() >= GATHER_MIN)
+    }
+
+    /// The frame body up to the first fragment.
+    fn encode_before_fragments(&self, dst: &mut BytesMut) {
         use encoding::WireType::LengthDelimited;
         let p = self.packet;
         if let Some(head) = self.head {
             encoding::message::encode(FRAME_HEAD_TAG, head, dst);
         }
-        let content = self.content;
         encoding::encode_key(FRAME_PACKET_TAG, LengthDelimited, dst);
         encoding::encode_varint(self.data_len() as u64, dst);
         let offset = p.offset as i64;
@@ -436,13 +466,15 @@ impl FrameBody for PacketFrame<'_> {
         if offset != 0 {
             encoding::int64::encode(2, &offset, dst);
         }
-        if content != 0 {
+        if self.content != 0 {
             encoding::encode_key(3, LengthDelimited, dst);
-            encoding::encode_varint(content as u64, dst);
-            for fragment in &p.fragments {
-                encoding::message::encode(1, fragment, dst);
-            }
+            encoding::encode_varint(self.content as u64, dst);
         }
+    }
+
+    /// The frame body after the last fragment.
+    fn encode_after_fragments(&self, dst: &mut BytesMut) {
+        let p = self.packet;
         if p.flags != 0 {
             encoding::int32::encode(4, &p.flags, dst);
         }
@@ -524,10 +556,30 @@ mod tests {
         out
     }
 
+    /// `before` (bytes of earlier frames) and the frame `encode_gathered`
+    /// makes after them, as the socket would get them; and how many
+    /// payloads went by reference.
+    fn via_gathered(head: Option<&MessageHead>, packet: &Packet, before: &[u8]) -> (Vec<u8>, usize) {
+        let body = PacketFrame::new(head, packet);
+        let mut out = BytesMut::from(before);
+        let mut segments = std::collections::VecDeque::new();
+        let n = Encoder::default()
+            .encode_gathered(&body, &mut out, &mut segments)
+            .expect("encodes");
+        let mut wire: Vec<u8> = segments.iter().flat_map(|s| s.iter().copied()).collect();
+        wire.extend_from_slice(&out);
+        assert_eq!(wire.len(), before.len() + n);
+        let by_reference = packet.fragments.iter().filter(|f| f.data.len() >= GATHER_MIN).count();
+        (wire, by_reference)
+    }
+
     fn fragment() -> impl Strategy<Value = Fragment> {
         (
             0..3i32,
-            proptest::collection::vec(any::<u8>(), 0..300),
+            prop_oneof![
+                4 => proptest::collection::vec(any::<u8>(), 0..300),
+                1 => proptest::collection::vec(any::<u8>(), GATHER_MIN - 1..GATHER_MIN + 300),
+            ],
             any::<i32>(),
             proptest::option::of(("[a-z]{0,8}", "[a-z]{0,8}")),
             proptest::option::of((any::<i32>(), "[a-z ]{0,12}")),
@@ -581,6 +633,54 @@ mod tests {
         ) {
             prop_assert_eq!(via_packet_frame(head.as_ref(), &packet), via_frame_message(head.as_ref(), &packet));
         }
+
+        #[test]
+        fn a_gathered_frame_is_the_same_bytes(
+            head in proptest::option::of(head()),
+            packet in packet(),
+            before in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut expected = before.clone();
+            expected.extend_from_slice(&via_frame_message(head.as_ref(), &packet));
+            let (wire, _) = via_gathered(head.as_ref(), &packet, &before);
+            prop_assert_eq!(wire, expected);
+        }
+    }
+
+    #[test]
+    fn large_payloads_go_by_reference_and_decode() {
+        let big = Bytes::from(vec![5u8; 3 * GATHER_MIN]);
+        let packet = Packet {
+            stream_id: 7,
+            offset: 99,
+            flags: 0,
+            timepoint: 1,
+            fragments: vec![
+                Fragment::data(Bytes::from_static(b"small"), false),
+                Fragment::data(big.clone(), true),
+                Fragment::data(big.clone(), false),
+            ],
+        };
+        let body = PacketFrame::new(None, &packet);
+        assert!(body.gathers());
+        let mut out = BytesMut::new();
+        let mut segments = std::collections::VecDeque::new();
+        Encoder::default()
+            .encode_gathered(&body, &mut out, &mut segments)
+            .expect("encodes");
+        let referenced = segments.iter().filter(|s| s.as_ptr() == big.as_ptr()).count();
+        assert_eq!(referenced, 2, "both large payloads by reference, not copied");
+        let mut decoder = crate::frame::Decoder::new(crate::frame::Config::default());
+        for segment in &segments {
+            decoder.extend(segment);
+        }
+        decoder.extend(&out);
+        let frame = decoder.decode().expect("valid frame").expect("complete");
+        let Some(Body::Packet(data)) = frame.body else {
+            panic!("not a packet: {frame:?}");
+        };
+        let got = Packet::from_data(data).expect("decodes");
+        assert_eq!(got, packet);
     }
 
     #[test]

@@ -40,6 +40,14 @@ pub trait Link: 'static {
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes some of `buf` (stream) or all of it as one datagram.
     async fn send(&self, buf: &[u8]) -> io::Result<usize>;
+    /// Writes some of `bufs`, in order (streams; a gathering write where the
+    /// link has one, else the first non-empty buffer alone).
+    async fn send_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match bufs.iter().find(|b| !b.is_empty()) {
+            Some(first) => self.send(first).await,
+            None => Ok(0),
+        }
+    }
     /// Half-closes the sending side (streams); nothing for datagrams.
     async fn shutdown(&self);
     /// The remote address, for logs.
@@ -289,6 +297,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
 
     async fn send(&self, buf: &[u8]) -> io::Result<usize> {
         std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_write(cx, buf)).await
+    }
+
+    /// A non-blocking `sendmsg` of all of `bufs`; when the socket is full,
+    /// glommio's write of the first buffer, which waits for room.
+    async fn send_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let now = {
+            let socket = self.socket.borrow();
+            // SAFETY: the descriptor is valid while `socket` is borrowed.
+            let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
+            socket2::SockRef::from(&fd).send_vectored_with_flags(bufs, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        match now {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            done => return done,
+        }
+        match bufs.iter().find(|b| !b.is_empty()) {
+            Some(first) => self.send(first).await,
+            None => Ok(0),
+        }
     }
 
     fn set_latency(&self) -> io::Result<()> {
