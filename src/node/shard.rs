@@ -285,7 +285,8 @@ impl PathIo {
     }
 
     /// Encodes what the session has to send: stream packets straight from
-    /// their fragments (one copy of each payload), acknowledgements as frames.
+    /// their fragments (one copy of each small payload; on stream links large
+    /// ones go to the socket by reference), acknowledgements as frames.
     fn push_transmit(&mut self, encoder: &Encoder, transmit: Transmit) {
         match transmit {
             Transmit::Packet { packet, .. } => {

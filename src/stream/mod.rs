@@ -360,8 +360,10 @@ impl Packet {
 /// A stream packet as a whole frame body, `frame_message { head, packet }`,
 /// written without first serialising the fragments into a `content` buffer of
 /// their own: each payload is copied once, from the sender's message into the
-/// frame. The bytes are exactly those of [`Transmit::into_frame`] with the same
-/// head (the tests compare them).
+/// frame, or, with [`Encoder::encode_gathered`](crate::frame::Encoder::encode_gathered),
+/// not at all when it is [`GATHER_MIN`] bytes or more. The bytes are exactly
+/// those of [`Transmit::into_frame`] with the same head (the tests compare
+/// them).
 #[derive(Clone, Copy, Debug)]
 pub struct PacketFrame<'a> {
     head: Option<&'a MessageHead>,
