@@ -371,6 +371,9 @@ pub struct PacketFrame<'a> {
     /// Length of `packet_content { fragment... }`, computed once (a packet
     /// may hold hundreds of small fragments).
     content: usize,
+    /// Whether a fragment holds [`GATHER_MIN`] bytes or more (found in the
+    /// same pass).
+    gathers: bool,
 }
 
 /// `frame_message.packet`'s field number.
@@ -381,10 +384,16 @@ const FRAME_HEAD_TAG: u32 = 1;
 impl<'a> PacketFrame<'a> {
     /// `packet` in a frame with `head` (the path's tunnel head, if any).
     pub fn new(head: Option<&'a MessageHead>, packet: &'a Packet) -> Self {
+        let (mut content, mut gathers) = (0, false);
+        for fragment in &packet.fragments {
+            content += encoding::message::encoded_len(1, fragment);
+            gathers |= fragment.data.len() >= GATHER_MIN;
+        }
         Self {
             head,
             packet,
-            content: encoding::message::encoded_len_repeated(1, &packet.fragments),
+            content,
+            gathers,
         }
     }
 
@@ -449,7 +458,7 @@ impl PacketFrame<'_> {
     /// Whether a fragment is large enough to go to the socket by reference
     /// ([`Encoder::encode_gathered`](crate::frame::Encoder::encode_gathered)).
     pub fn gathers(&self) -> bool {
-        self.packet.fragments.iter().any(|f| f.data.len() >= GATHER_MIN)
+        self.gathers
     }
 
     /// The frame body up to the first fragment.
