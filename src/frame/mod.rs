@@ -286,18 +286,10 @@ impl Encoder {
     /// Appends one frame holding `msg` to `dst`, reserving exactly the space it
     /// needs, and returns the number of bytes written.
     pub fn encode(&self, msg: &impl FrameBody, dst: &mut BytesMut) -> Result<usize, EncodeError> {
-        let body = msg.body_len();
-        if body > self.config.max_frame_len {
-            return Err(EncodeError::FrameTooLarge {
-                length: body,
-                max: self.config.max_frame_len,
-            });
-        }
-        let total = varint_len(PROTOCOL_VERSION) + varint_len(body as u64) + body + HASH_LEN;
+        let (body, total) = self.sizes(msg)?;
         dst.reserve(total);
         let start = dst.len();
-        prost::encoding::encode_varint(PROTOCOL_VERSION, dst);
-        prost::encoding::encode_varint(body as u64, dst);
+        write_header(body, dst);
         msg.encode_body(dst);
         let hash = frame_hash(&dst[start..]);
         dst.put_u32_le(hash);
@@ -316,17 +308,9 @@ impl Encoder {
         out: &mut BytesMut,
         segments: &mut VecDeque<Bytes>,
     ) -> Result<usize, EncodeError> {
-        let body = msg.body_len();
-        if body > self.config.max_frame_len {
-            return Err(EncodeError::FrameTooLarge {
-                length: body,
-                max: self.config.max_frame_len,
-            });
-        }
-        let total = varint_len(PROTOCOL_VERSION) + varint_len(body as u64) + body + HASH_LEN;
+        let (body, total) = self.sizes(msg)?;
         let start = out.len();
-        prost::encoding::encode_varint(PROTOCOL_VERSION, out);
-        prost::encoding::encode_varint(body as u64, out);
+        write_header(body, out);
         let mut gather = Gather {
             out,
             segments,
@@ -344,6 +328,27 @@ impl Encoder {
         out.put_u32_le(hasher.finish() as u32);
         Ok(total)
     }
+
+    /// `msg`'s body length and whole frame length, checked against the limit.
+    fn sizes(&self, msg: &impl FrameBody) -> Result<(usize, usize), EncodeError> {
+        let body = msg.body_len();
+        if body > self.config.max_frame_len {
+            return Err(EncodeError::FrameTooLarge {
+                length: body,
+                max: self.config.max_frame_len,
+            });
+        }
+        Ok((
+            body,
+            varint_len(PROTOCOL_VERSION) + varint_len(body as u64) + body + HASH_LEN,
+        ))
+    }
+}
+
+/// The frame header: protocol version and body length.
+fn write_header(body: usize, dst: &mut BytesMut) {
+    prost::encoding::encode_varint(PROTOCOL_VERSION, dst);
+    prost::encoding::encode_varint(body as u64, dst);
 }
 
 /// Outcome of reading a varint from a possibly incomplete buffer.
