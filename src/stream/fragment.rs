@@ -79,17 +79,30 @@ impl Fragment {
             self.encode_raw(dst.out());
             return;
         }
-        if self.packet_type != 0 {
-            encoding::int32::encode(1, &self.packet_type, dst.out());
-        }
-        encoding::encode_key(2, WireType::LengthDelimited, dst.out());
-        encoding::encode_varint(self.data.len() as u64, dst.out());
+        self.encode_before_payload(dst.out());
         dst.payload(&self.data);
+        self.encode_after_payload(dst.out());
+    }
+
+    /// Fields 1 and 2 up to the payload's bytes (the key and length of a
+    /// non-empty payload).
+    fn encode_before_payload(&self, buf: &mut impl BufMut) {
+        if self.packet_type != 0 {
+            encoding::int32::encode(1, &self.packet_type, buf);
+        }
+        if !self.data.is_empty() {
+            encoding::encode_key(2, WireType::LengthDelimited, buf);
+            encoding::encode_varint(self.data.len() as u64, buf);
+        }
+    }
+
+    /// The fields after the payload.
+    fn encode_after_payload(&self, buf: &mut impl BufMut) {
         if self.fragment_flag != 0 {
-            encoding::int32::encode(3, &self.fragment_flag, dst.out());
+            encoding::int32::encode(3, &self.fragment_flag, buf);
         }
         if let Some(rare) = &self.rare {
-            rare.encode_raw(dst.out());
+            rare.encode_raw(buf);
         }
     }
 
@@ -126,22 +139,11 @@ impl From<Fragment> for proto::Fragment {
 
 impl Message for Fragment {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        if self.packet_type != 0 {
-            encoding::int32::encode(1, &self.packet_type, buf);
-        }
-        if !self.data.is_empty() {
-            // prost's `bytes::encode` clones the `Bytes` to put it: an atomic
-            // increment and decrement per fragment for shared payloads.
-            encoding::encode_key(2, WireType::LengthDelimited, buf);
-            encoding::encode_varint(self.data.len() as u64, buf);
-            buf.put_slice(&self.data);
-        }
-        if self.fragment_flag != 0 {
-            encoding::int32::encode(3, &self.fragment_flag, buf);
-        }
-        if let Some(rare) = &self.rare {
-            rare.encode_raw(buf);
-        }
+        self.encode_before_payload(buf);
+        // prost's `bytes::encode` clones the `Bytes` to put it: an atomic
+        // increment and decrement per fragment for shared payloads.
+        buf.put_slice(&self.data);
+        self.encode_after_payload(buf);
     }
 
     fn merge_field(
