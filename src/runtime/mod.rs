@@ -92,8 +92,9 @@ pub struct RuntimeConfig {
     pub ring_depth: usize,
     /// Busy-poll this long before parking (lower latency, burns CPU).
     pub spin_before_park: Option<Duration>,
-    /// Every shard keeps a timer this often (see [`stall_guard`]): the
-    /// longest a shard can sleep while it has runnable tasks.
+    /// Every shard keeps a timer this often (see [`stall_guard`]): a
+    /// backstop, the longest a shard could sleep with runnable tasks if
+    /// glommio parked it wrongly again.
     pub stall_guard: Duration,
     /// Thread name prefix.
     pub name: String,
@@ -108,7 +109,7 @@ impl Default for RuntimeConfig {
             io_memory: 512 * 1024,
             ring_depth: 128,
             spin_before_park: None,
-            stall_guard: Duration::from_millis(2),
+            stall_guard: Duration::from_millis(100),
             name: "atbus".to_string(),
         }
     }
@@ -423,20 +424,22 @@ async fn shard_main(
 }
 
 /// Keeps a timer pending on the shard, so that it never sleeps longer than
-/// `every`.
+/// `every`: a backstop.
 ///
-/// glommio 0.9 can park an executor whose task queues are still runnable:
+/// glommio 0.9.0 can park an executor whose task queues are still runnable:
 /// `run_task_queues` answers "nothing ran" both when there was nothing to
 /// run and when `need_preempt` was already true before its first queue (a
 /// latency-ring completion that woke no task, such as a fired preempt
 /// timer or a cancelled receive, landing between its io poll and that
-/// check), and the executor parks on either (fixed upstream in the
-/// glommio/glommio fork, PR 53; not released on crates.io). Parked, it
-/// sleeps in `io_uring_enter` until some io or timer completes: here a node
-/// start waited for a shard's job until a debugger's attach interrupted the
-/// sleep, and connections stalled until their next ping timer (the demo's
-/// occasional one-second dips). A timer always pending bounds such a sleep;
-/// when it fires the executor runs every active queue again.
+/// check), and the executor parks on either. Parked, it sleeps in
+/// `io_uring_enter` until some io or timer completes: here a node start
+/// waited for a shard's job until a debugger's attach interrupted the
+/// sleep, and connections stalled until their next ping timer. The glommio
+/// we build (.cargo/patched/glommio, patch 2; tests/glommio_patches.rs)
+/// no longer parks then; this timer bounds any such sleep we do not know
+/// of. It used to fire every 2 ms, and each wake-up of an idle shard cost
+/// ~60 µs of its core and disturbed the threads beside it (bare sockets in
+/// the same process ran 30 % slower; perf/README.md item 22).
 async fn stall_guard(every: Duration) {
     loop {
         glommio::timer::sleep(every).await;

@@ -1,0 +1,93 @@
+//! The glommio we build is 0.9.0 with fixes of ours
+//! (.cargo/patched/glommio/PATCHES.md). These tests hold each fix to what
+//! it must keep: an executor that has runnable work does not sleep, and a
+//! task woken from another thread is never left asleep.
+//!
+//! Both run bare glommio executors with no timers and no io of their own:
+//! a wrong park then sleeps for good, and the test fails on its timeout
+//! instead of a backstop timer hiding it.
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+/// io memory for these executors: 3 × this is locked (RLIMIT_MEMLOCK is
+/// 8 MiB for a normal user here), as the bus's own runtime does.
+const IO_MEMORY: usize = 512 * 1024;
+
+/// Patch 2: a preempt timer that fires between the executor's io poll and
+/// its first look at the task queues must not make it park with the task
+/// still runnable. A 1 ns preempt timer makes that the common case: 0.9.0
+/// parks with the spawned task pending and never wakes (no io, no timer).
+#[test]
+fn runnable_work_survives_an_early_preemption() {
+    let (done_tx, done_rx) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        let executor = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(IO_MEMORY)
+            .preempt_timer(Duration::from_nanos(1))
+            .make()
+            .map_err(|e| e.to_string())?;
+        let mut ran = 0u32;
+        for round in 0..1_000u32 {
+            ran += executor.run(async move { round % 2 });
+        }
+        let _ = done_tx.send(ran);
+        Ok::<(), String>(())
+    });
+    match done_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(ran) => assert_eq!(ran, 500, "every run's future ran to its end"),
+        Err(_) => panic!("the executor stopped with runnable work (parked while a task was ready)"),
+    }
+    worker.join().expect("worker thread").expect("executor");
+}
+
+/// Patch 1: a parking executor fences instead of `membarrier`. A thread
+/// outside the executor wakes a task on it many times, sometimes at once
+/// and sometimes after the executor had time to park; every wake-up must
+/// reach it (a lost one leaves the executor asleep for good: it has no
+/// timer and no io).
+#[test]
+fn foreign_wake_ups_reach_a_parking_executor() {
+    const ROUNDS: u32 = 20_000;
+    let (to_executor, from_outside) = async_channel::bounded::<u32>(1);
+    let (answer_tx, answer_rx) = mpsc::channel::<u32>();
+    let executor = thread::spawn(move || {
+        let executor = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(IO_MEMORY)
+            .make()
+            .map_err(|e| e.to_string())?;
+        executor.run(async move {
+            while let Ok(value) = from_outside.recv().await {
+                if answer_tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok::<(), String>(())
+    });
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    for round in 0..ROUNDS {
+        // Vary how long the executor had to go to sleep: none, a spin of
+        // a few µs (around its park), or a real sleep.
+        match rng.u8(0..8) {
+            0 => thread::sleep(Duration::from_micros(50)),
+            1..=3 => {
+                let until = std::time::Instant::now() + Duration::from_micros(rng.u64(1..20));
+                while std::time::Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
+            _ => {}
+        }
+        to_executor.send_blocking(round).expect("executor alive");
+        match answer_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(answer) => assert_eq!(answer, round),
+            Err(e) => panic!("round {round}: the executor did not wake for a message sent to it ({e})"),
+        }
+    }
+    drop(to_executor);
+    executor.join().expect("executor thread").expect("executor");
+}
