@@ -91,3 +91,59 @@ fn foreign_wake_ups_reach_a_parking_executor() {
     drop(to_executor);
     executor.join().expect("executor thread").expect("executor");
 }
+
+/// Patch 4: the preempt timer is no longer armed again on every pass (a
+/// pending one is kept while it still has half its slice or more). It must
+/// still fire: a task that never waits, only yields when asked to, must
+/// still let a task of another queue run.
+#[test]
+fn a_busy_queue_is_still_preempted() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use glommio::{Latency, Shares};
+
+    let (done_tx, done_rx) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        let executor = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(IO_MEMORY)
+            .preempt_timer(Duration::from_millis(5))
+            .make()
+            .map_err(|e| e.to_string())?;
+        let passes = executor.run(async {
+            let busy = glommio::executor().create_task_queue(Shares::default(), Latency::NotImportant, "busy");
+            let other = glommio::executor().create_task_queue(Shares::default(), Latency::NotImportant, "other");
+            let stop = Rc::new(Cell::new(false));
+            let spinner = glommio::spawn_local_into(
+                {
+                    let stop = stop.clone();
+                    async move {
+                        let mut passes = 0u64;
+                        while !stop.get() {
+                            // CPU work, then a yield only if preempted.
+                            let until = std::time::Instant::now() + Duration::from_micros(100);
+                            while std::time::Instant::now() < until {
+                                std::hint::spin_loop();
+                            }
+                            passes += 1;
+                            glommio::yield_if_needed().await;
+                        }
+                        passes
+                    }
+                },
+                busy,
+            )
+            .map_err(|e| e.to_string())?;
+            let stopper = glommio::spawn_local_into(async move { stop.set(true) }, other).map_err(|e| e.to_string())?;
+            stopper.await;
+            Ok::<u64, String>(spinner.await)
+        })?;
+        let _ = done_tx.send(passes);
+        Ok::<(), String>(())
+    });
+    match done_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(passes) => assert!(passes >= 1, "the busy task ran before it was preempted"),
+        Err(_) => panic!("a busy task queue was never preempted: the other queue's task never ran"),
+    }
+    worker.join().expect("worker thread").expect("executor");
+}

@@ -1215,6 +1215,15 @@ impl UringCommon for SleepableRing {
     }
 }
 
+/// Whether the timer in `slot` is armed and has not fired (libatbus-rs
+/// patch 4).
+fn timer_pending(slot: &Cell<Option<Source>>) -> bool {
+    let source = slot.take();
+    let pending = source.as_ref().is_some_and(|s| s.result().is_none());
+    slot.set(source);
+    pending
+}
+
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
@@ -1222,6 +1231,9 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// When the preempt timer in `latency_preemption_timeout_src` fires
+    /// (`None`: no preempt timer there; libatbus-rs patch 4).
+    latency_preemption_deadline: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1353,6 +1365,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_preemption_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1814,22 +1827,44 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // libatbus-rs patch (PATCHES.md, 4): 0.9.0 cancelled and armed both
+        // preemption timers again on every pass, three `io_uring_enter`
+        // calls (and as many timer reprogrammings) between a wake-up and
+        // the first task. A preempt timer still pending that fires between
+        // half the requested slice and the whole of it from now is kept;
+        // so is a throughput timer that has not fired.
+        let preempt = preempt_timer();
+        let keep_preempt = match (preempt, self.latency_preemption_deadline.get()) {
+            (Some(slice), Some(deadline)) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                timer_pending(&self.latency_preemption_timeout_src)
+                    && left >= slice / 2
+                    && left <= slice
+            }
+            _ => false,
+        };
+        if !keep_preempt {
+            // Cancel the old timer regardless of whether we can sleep:
+            // if we won't sleep, we will register the new timer with its new
+            // value.
+            //
+            // But if we will sleep, there might be a timer registered that needs
+            // to be removed otherwise we'll wake up when it expires.
+            drop(self.latency_preemption_timeout_src.take());
+            self.latency_preemption_deadline.set(None);
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        let throughput_pending = timer_pending(&self.throughput_preemption_timeout_src);
+        if !throughput_pending {
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1879,9 +1914,11 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
+        if let Some(preempt) = preempt_timer().filter(|_| !keep_preempt) {
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            self.latency_preemption_deadline
+                .set(Some(Instant::now() + preempt));
             flush_rings!(lat_ring, main_ring)?;
         }
 
