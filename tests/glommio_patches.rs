@@ -11,11 +11,36 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::{LocalExecutor, LocalExecutorBuilder, Placement};
 
 /// io memory for these executors: 3 × this is locked (RLIMIT_MEMLOCK is
 /// 8 MiB for a normal user here), as the bus's own runtime does.
 const IO_MEMORY: usize = 512 * 1024;
+
+/// A bare executor (unpinned, the bus's io memory), with `preempt` as its
+/// preempt timer if given.
+fn executor(preempt: Option<Duration>) -> Result<LocalExecutor, String> {
+    let builder = LocalExecutorBuilder::new(Placement::Unbound).io_memory(IO_MEMORY);
+    let builder = match preempt {
+        Some(preempt) => builder.preempt_timer(preempt),
+        None => builder,
+    };
+    builder.make().map_err(|e| e.to_string())
+}
+
+/// Runs `body` on a thread of its own and returns what it returns; fails
+/// the test with `hung` if that takes more than a minute (an executor that
+/// sleeps with work to do never returns).
+fn within_a_minute<T: Send + 'static>(hung: &str, body: impl FnOnce() -> Result<T, String> + Send + 'static) -> T {
+    let (done_tx, done_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = done_tx.send(body());
+    });
+    match done_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(result) => result.unwrap_or_else(|e| panic!("executor: {e}")),
+        Err(_) => panic!("{hung}"),
+    }
+}
 
 /// Patch 2: a preempt timer that fires between the executor's io poll and
 /// its first look at the task queues must not make it park with the task
@@ -23,25 +48,16 @@ const IO_MEMORY: usize = 512 * 1024;
 /// parks with the spawned task pending and never wakes (no io, no timer).
 #[test]
 fn runnable_work_survives_an_early_preemption() {
-    let (done_tx, done_rx) = mpsc::channel();
-    let worker = thread::spawn(move || {
-        let executor = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(IO_MEMORY)
-            .preempt_timer(Duration::from_nanos(1))
-            .make()
-            .map_err(|e| e.to_string())?;
-        let mut ran = 0u32;
-        for round in 0..1_000u32 {
-            ran += executor.run(async move { round % 2 });
-        }
-        let _ = done_tx.send(ran);
-        Ok::<(), String>(())
-    });
-    match done_rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(ran) => assert_eq!(ran, 500, "every run's future ran to its end"),
-        Err(_) => panic!("the executor stopped with runnable work (parked while a task was ready)"),
-    }
-    worker.join().expect("worker thread").expect("executor");
+    let ran = within_a_minute(
+        "the executor stopped with runnable work (parked while a task was ready)",
+        || {
+            let executor = executor(Some(Duration::from_nanos(1)))?;
+            Ok((0..1_000u32)
+                .map(|round| executor.run(async move { round % 2 }))
+                .sum::<u32>())
+        },
+    );
+    assert_eq!(ran, 500, "every run's future ran to its end");
 }
 
 /// Patch 1: a parking executor fences instead of `membarrier`. A thread
@@ -54,12 +70,8 @@ fn foreign_wake_ups_reach_a_parking_executor() {
     const ROUNDS: u32 = 20_000;
     let (to_executor, from_outside) = async_channel::bounded::<u32>(1);
     let (answer_tx, answer_rx) = mpsc::channel::<u32>();
-    let executor = thread::spawn(move || {
-        let executor = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(IO_MEMORY)
-            .make()
-            .map_err(|e| e.to_string())?;
-        executor.run(async move {
+    let worker = thread::spawn(move || {
+        executor(None)?.run(async move {
             while let Ok(value) = from_outside.recv().await {
                 if answer_tx.send(value).is_err() {
                     break;
@@ -89,7 +101,7 @@ fn foreign_wake_ups_reach_a_parking_executor() {
         }
     }
     drop(to_executor);
-    executor.join().expect("executor thread").expect("executor");
+    worker.join().expect("executor thread").expect("executor");
 }
 
 /// Patch 4: the preempt timer is no longer armed again on every pass (a
@@ -103,47 +115,52 @@ fn a_busy_queue_is_still_preempted() {
 
     use glommio::{Latency, Shares};
 
-    let (done_tx, done_rx) = mpsc::channel();
-    let worker = thread::spawn(move || {
-        let executor = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(IO_MEMORY)
-            .preempt_timer(Duration::from_millis(5))
-            .make()
-            .map_err(|e| e.to_string())?;
-        let passes = executor.run(async {
-            let busy = glommio::executor().create_task_queue(Shares::default(), Latency::NotImportant, "busy");
-            let other = glommio::executor().create_task_queue(Shares::default(), Latency::NotImportant, "other");
-            let stop = Rc::new(Cell::new(false));
-            let spinner = glommio::spawn_local_into(
-                {
-                    let stop = stop.clone();
-                    async move {
-                        let mut passes = 0u64;
-                        while !stop.get() {
-                            // CPU work, then a yield only if preempted.
-                            let until = std::time::Instant::now() + Duration::from_micros(100);
-                            while std::time::Instant::now() < until {
-                                std::hint::spin_loop();
+    let passes = within_a_minute(
+        "a busy task queue was never preempted: the other queue's task never ran",
+        || {
+            let executor = executor(Some(Duration::from_millis(5)))?;
+            executor.run(async {
+                let busy = glommio::executor().create_task_queue(Shares::default(), Latency::NotImportant, "busy");
+                let other = glommio::executor().create_task_queue(Shares::default(), Latency::NotImportant, "other");
+                let stop = Rc::new(Cell::new(false));
+                let started = Rc::new(Cell::new(false));
+                let spinner = glommio::spawn_local_into(
+                    {
+                        let (stop, started) = (stop.clone(), started.clone());
+                        async move {
+                            started.set(true);
+                            let mut passes = 0u64;
+                            while !stop.get() {
+                                // CPU work, then a yield only if preempted.
+                                let until = std::time::Instant::now() + Duration::from_micros(100);
+                                while std::time::Instant::now() < until {
+                                    std::hint::spin_loop();
+                                }
+                                passes += 1;
+                                glommio::yield_if_needed().await;
                             }
-                            passes += 1;
-                            glommio::yield_if_needed().await;
+                            passes
                         }
-                        passes
-                    }
-                },
-                busy,
-            )
-            .map_err(|e| e.to_string())?;
-            let stopper = glommio::spawn_local_into(async move { stop.set(true) }, other).map_err(|e| e.to_string())?;
-            stopper.await;
-            Ok::<u64, String>(spinner.await)
-        })?;
-        let _ = done_tx.send(passes);
-        Ok::<(), String>(())
-    });
-    match done_rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(passes) => assert!(passes >= 1, "the busy task ran before it was preempted"),
-        Err(_) => panic!("a busy task queue was never preempted: the other queue's task never ran"),
-    }
-    worker.join().expect("worker thread").expect("executor");
+                    },
+                    busy,
+                )
+                .map_err(|e| e.to_string())?;
+                // Stops the spinner once it runs: only a preemption gets
+                // this task going again after its first yield.
+                let stopper = glommio::spawn_local_into(
+                    async move {
+                        while !started.get() {
+                            glommio::executor().yield_now().await;
+                        }
+                        stop.set(true);
+                    },
+                    other,
+                )
+                .map_err(|e| e.to_string())?;
+                stopper.await;
+                Ok::<u64, String>(spinner.await)
+            })
+        },
+    );
+    assert!(passes >= 1, "the busy task ran before it was stopped");
 }
