@@ -43,10 +43,7 @@ pub trait Link: 'static {
     /// Writes some of `bufs`, in order (streams; a gathering write where the
     /// link has one, else the first non-empty buffer alone).
     async fn send_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match bufs.iter().find(|b| !b.is_empty()) {
-            Some(first) => self.send(first).await,
-            None => Ok(0),
-        }
+        send_first(self, bufs).await
     }
     /// Half-closes the sending side (streams); nothing for datagrams.
     async fn shutdown(&self);
@@ -82,6 +79,15 @@ pub trait Link: 'static {
     async fn recv_datagram(&self, buf: &mut [u8]) -> io::Result<Bytes> {
         let n = self.recv(buf).await?;
         Ok(Bytes::copy_from_slice(&buf[..n]))
+    }
+}
+
+/// [`Link::send_vectored`] without a gathering write: the first non-empty
+/// buffer alone.
+async fn send_first<L: Link + ?Sized>(link: &L, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    match bufs.iter().find(|b| !b.is_empty()) {
+        Some(first) => link.send(first).await,
+        None => Ok(0),
     }
 }
 
@@ -312,10 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
             done => return done,
         }
-        match bufs.iter().find(|b| !b.is_empty()) {
-            Some(first) => self.send(first).await,
-            None => Ok(0),
-        }
+        send_first(self, bufs).await
     }
 
     fn set_latency(&self) -> io::Result<()> {
