@@ -24,6 +24,15 @@ fn decode_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Vec<FrameMes
     out
 }
 
+/// `wire` cut at the given points (in any order, repeats allowed).
+fn cut<'a>(wire: &'a [u8], cuts: &[prop::sample::Index]) -> Vec<&'a [u8]> {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+    points.push(0);
+    points.push(wire.len());
+    points.sort_unstable();
+    points.windows(2).map(|w| &wire[w[0]..w[1]]).collect()
+}
+
 fn concat(frames: &[FrameMessage]) -> Bytes {
     let mut buf = BytesMut::new();
     for frame in frames {
@@ -61,13 +70,79 @@ proptest! {
         cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
     ) {
         let wire = concat(&frames);
-        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
-        points.push(0);
-        points.push(wire.len());
-        points.sort_unstable();
-        let chunks = points.windows(2).map(|w| &wire[w[0]..w[1]]);
-        prop_assert_eq!(decode_chunks(chunks), frames);
+        prop_assert_eq!(decode_chunks(cut(&wire, &cuts)), frames);
     }
+}
+
+/// Feeds `chunks` in order, each either copied in (`extend`) or written into
+/// the decoder's own buffer (`read_room` / `filled`, as a transport reading
+/// straight into it does), with the frame presizing on or off per chunk, and
+/// collects every frame; `keep` frames are held while later chunks arrive,
+/// so the buffer is sometimes shared and sometimes taken back.
+fn decode_chunks_in_place<'a>(
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+    modes: &[(bool, bool)],
+    keep: usize,
+) -> Vec<FrameMessage> {
+    let mut decoder = Decoder::default();
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let (in_place, presize) = modes.get(i).copied().unwrap_or((true, false));
+        decoder.set_presize(presize);
+        if in_place {
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                let room = decoder.read_room(rest.len());
+                assert!(!room.is_empty(), "room for a read");
+                let n = room.len().min(rest.len());
+                for (slot, byte) in room.iter_mut().zip(&rest[..n]) {
+                    slot.write(*byte);
+                }
+                // SAFETY: the first `n` bytes of the room were just written.
+                unsafe { decoder.filled(n) };
+                rest = &rest[n..];
+            }
+        } else {
+            decoder.extend(chunk);
+        }
+        while let Some(frame) = decoder.decode().expect("valid stream") {
+            out.push(frame);
+        }
+        // Frames beyond the last `keep` are handed on (here: cloned out and
+        // their buffer references dropped), the rest stay held.
+        if out.len() > keep {
+            let held = out.len() - keep;
+            for frame in &mut out[..held] {
+                *frame = FrameMessage::decode(frame.encode_to_vec().as_slice()).expect("copy out");
+            }
+        }
+    }
+    decoder.finish().expect("no frame cut short");
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn reading_into_the_decoders_buffer_gives_the_same_frames(
+        frames in proptest::collection::vec(frame_message(70_000), 1..6),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+        modes in proptest::collection::vec(any::<(bool, bool)>(), 13),
+        keep in 0usize..3,
+    ) {
+        let wire = concat(&frames);
+        prop_assert_eq!(decode_chunks_in_place(cut(&wire, &cuts), &modes, keep), frames);
+    }
+}
+
+#[test]
+fn a_desynchronised_decoder_offers_no_room() {
+    let mut decoder = Decoder::default();
+    // A version the decoder does not speak: the stream cannot be followed.
+    decoder.extend(&[0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f]);
+    assert!(decoder.decode().is_err());
+    assert!(decoder.read_room(1024).is_empty());
 }
 
 #[test]

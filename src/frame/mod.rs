@@ -29,6 +29,7 @@
 
 use std::collections::VecDeque;
 use std::hash::Hasher;
+use std::mem::MaybeUninit;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
@@ -472,6 +473,7 @@ pub struct Decoder {
     /// Header of the frame at the front of `buf`, once parsed.
     pending: Option<FrameBounds>,
     desynchronized: bool,
+    presize: bool,
 }
 
 impl Decoder {
@@ -482,6 +484,7 @@ impl Decoder {
             buf: BytesMut::new(),
             pending: None,
             desynchronized: false,
+            presize: true,
         }
     }
 
@@ -500,6 +503,45 @@ impl Decoder {
     /// The receive buffer, for transports that read straight into it.
     pub fn buffer_mut(&mut self) -> &mut BytesMut {
         &mut self.buf
+    }
+
+    /// Room for a read of up to `len` bytes straight into the receive buffer
+    /// (transports that read into it instead of copying in with
+    /// [`Decoder::extend`]); empty once the stream is desynchronised. The
+    /// buffer's memory is taken back when every frame cut from it was
+    /// dropped, else what is buffered moves to a fresh one. Count what was
+    /// read with [`Decoder::filled`].
+    pub fn read_room(&mut self, len: usize) -> &mut [MaybeUninit<u8>] {
+        if self.desynchronized {
+            return &mut [];
+        }
+        if !self.buf.try_reclaim(len) {
+            let mut fresh = BytesMut::with_capacity(self.buf.len() + len);
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
+        }
+        let spare = self.buf.spare_capacity_mut();
+        let room = spare.len().min(len);
+        &mut spare[..room]
+    }
+
+    /// Counts `n` bytes read into the last [`Decoder::read_room`] as received.
+    ///
+    /// # Safety
+    /// The first `n` bytes of that room were initialised, and `n` is at most
+    /// its length.
+    pub unsafe fn filled(&mut self, n: usize) {
+        debug_assert!(n <= self.buf.capacity() - self.buf.len());
+        // SAFETY: the caller initialised these bytes, within the capacity.
+        unsafe { self.buf.set_len(self.buf.len() + n) };
+    }
+
+    /// Whether a frame whose header arrived gets its whole length reserved at
+    /// once (right for [`Decoder::extend`]'s copies; a reader that reads into
+    /// [`Decoder::read_room`] sizes the buffer itself, and a reservation would
+    /// move the frame's start to fresh memory once more).
+    pub fn set_presize(&mut self, presize: bool) {
+        self.presize = presize;
     }
 
     /// Bytes received but not yet returned as frames.
@@ -528,7 +570,9 @@ impl Decoder {
                 Ok(Some(bounds)) => {
                     // The length is within max_frame_len: now it is safe to size
                     // the buffer for the whole frame in one go.
-                    self.buf.reserve(bounds.total().saturating_sub(self.buf.len()));
+                    if self.presize {
+                        self.buf.reserve(bounds.total().saturating_sub(self.buf.len()));
+                    }
                     self.pending = Some(bounds);
                     bounds
                 }

@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;
@@ -68,6 +69,16 @@ pub trait Link: 'static {
     /// none, keep theirs.
     fn size_send_buffer(&self, _batch: usize) -> io::Result<()> {
         Ok(())
+    }
+    /// Whether [`Link::try_recv_uninit`] can read at all.
+    fn recvs_uninit(&self) -> bool {
+        false
+    }
+    /// Bytes already waiting, read without waiting into memory that need not
+    /// be initialised (`None`: none waiting, or the link cannot read that
+    /// way; the caller then reads as usual). `Ok(0)`: the peer closed.
+    fn try_recv_uninit(&self, _buf: &mut [MaybeUninit<u8>]) -> Option<io::Result<usize>> {
+        None
     }
     /// One whole datagram, owned (links that pass buffers on, like tunnels,
     /// take it without a copy).
@@ -263,7 +274,7 @@ impl<S> StreamLink<S> {
 fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `recv` only writes initialised bytes into the buffer, and a
     // `u8` slice has the layout of a `MaybeUninit<u8>` slice.
-    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
     socket2::SockRef::from(&fd).recv_with_flags(uninit, libc::MSG_DONTWAIT)
 }
 
@@ -298,6 +309,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
             if let Some(Err(e)) = crate::runtime::readable(fd, probe.peek(&mut [0u8; 1])).await {
                 return Err(e.into());
             }
+        }
+    }
+
+    fn recvs_uninit(&self) -> bool {
+        true
+    }
+
+    fn try_recv_uninit(&self, buf: &mut [MaybeUninit<u8>]) -> Option<io::Result<usize>> {
+        let socket = self.socket.borrow();
+        // SAFETY: the descriptor is valid while `socket` is borrowed.
+        let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
+        match socket2::SockRef::from(&fd).recv_with_flags(buf, libc::MSG_DONTWAIT) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => None,
+            done => Some(done),
         }
     }
 
@@ -705,7 +730,7 @@ impl UdpDemux {
         let (n, from) = loop {
             // SAFETY: `recv` only writes initialised bytes into the buffer,
             // and a `u8` slice has the layout of a `MaybeUninit<u8>` slice.
-            let uninit = unsafe { &mut *(&mut *buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+            let uninit = unsafe { &mut *(&mut *buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
             // SAFETY: the descriptor belongs to `self.socket`, alive meanwhile.
             let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
             match socket2::SockRef::from(&borrowed).recv_from_with_flags(uninit, libc::MSG_DONTWAIT) {
