@@ -541,7 +541,11 @@ impl FrameReader {
         if self.streaming && link.recvs_uninit() {
             let room = self.decoder.read_room(self.buf.len());
             let len = room.len();
-            if let Some(read) = link.try_recv_uninit(room) {
+            // No room (a desynchronised stream): a zero-length read would
+            // look like the peer closing.
+            if len > 0
+                && let Some(read) = link.try_recv_uninit(room)
+            {
                 let n = read?;
                 // SAFETY: the link initialised `n` bytes of the room.
                 unsafe { self.decoder.filled(n) };
