@@ -270,12 +270,27 @@ impl<S> StreamLink<S> {
     }
 }
 
-/// One non-blocking `recv` into `buf`.
-fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `recv` only writes initialised bytes into the buffer, and a
-    // `u8` slice has the layout of a `MaybeUninit<u8>` slice.
-    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
-    socket2::SockRef::from(&fd).recv_with_flags(uninit, libc::MSG_DONTWAIT)
+/// Whether a non-blocking call's error only means "not now".
+fn not_now(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted
+}
+
+/// `buf` as memory for a `recv` to fill.
+///
+/// # Safety
+/// Only a `recv` may write through the result: it writes initialised bytes
+/// (a `u8` slice has the layout of a `MaybeUninit<u8>` slice).
+unsafe fn for_recv(buf: &mut [u8]) -> &mut [MaybeUninit<u8>] {
+    // SAFETY: same layout; the caller lets only `recv` write.
+    unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) }
+}
+
+/// One non-blocking `recv` into `buf`; `None` when no bytes are there yet.
+fn recv_now(fd: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>]) -> Option<io::Result<usize>> {
+    match socket2::SockRef::from(&fd).recv_with_flags(buf, libc::MSG_DONTWAIT) {
+        Err(e) if not_now(&e) => None,
+        done => Some(done),
+    }
 }
 
 /// Which [`Handoff`] a stream socket makes.
@@ -294,14 +309,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
             return std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_read(cx, buf)).await;
         };
         loop {
-            let read = {
-                let socket = self.socket.borrow();
-                // SAFETY: the descriptor is valid while `socket` is borrowed.
-                recv_now(unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }, buf)
-            };
-            match read {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
-                done => return done,
+            // SAFETY: only `recv` writes into it.
+            if let Some(done) = self.try_recv_uninit(unsafe { for_recv(buf) }) {
+                return done;
             }
             // Completes once a byte is there (or the peer closed: then the
             // next `recv` says so).
@@ -319,11 +329,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
     fn try_recv_uninit(&self, buf: &mut [MaybeUninit<u8>]) -> Option<io::Result<usize>> {
         let socket = self.socket.borrow();
         // SAFETY: the descriptor is valid while `socket` is borrowed.
-        let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
-        match socket2::SockRef::from(&fd).recv_with_flags(buf, libc::MSG_DONTWAIT) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => None,
-            done => Some(done),
-        }
+        recv_now(unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }, buf)
     }
 
     async fn send(&self, buf: &[u8]) -> io::Result<usize> {
@@ -340,7 +346,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
             socket2::SockRef::from(&fd).send_vectored_with_flags(bufs, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
         };
         match now {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if not_now(&e) => {}
             done => return done,
         }
         send_first(self, bufs).await
@@ -415,10 +421,10 @@ impl Link for UdpLink {
             None if self.latency.get() => loop {
                 // As a stream link's latency path (see `StreamLink`).
                 let fd = self.socket.as_raw_fd();
-                // SAFETY: the descriptor belongs to `self.socket`, alive meanwhile.
-                match recv_now(unsafe { BorrowedFd::borrow_raw(fd) }, buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
-                    done => return done,
+                // SAFETY: the descriptor belongs to `self.socket`, alive
+                // meanwhile; only `recv` writes into the buffer.
+                if let Some(done) = recv_now(unsafe { BorrowedFd::borrow_raw(fd) }, unsafe { for_recv(buf) }) {
+                    return done;
                 }
                 if let Some(Err(e)) = crate::runtime::readable(fd, self.socket.peek(&mut [0u8; 1])).await {
                     return Err(e.into());
@@ -728,9 +734,8 @@ impl UdpDemux {
     pub async fn next(&self, buf: &mut [u8]) -> io::Result<Option<UdpLink>> {
         let fd = self.socket.as_raw_fd();
         let (n, from) = loop {
-            // SAFETY: `recv` only writes initialised bytes into the buffer,
-            // and a `u8` slice has the layout of a `MaybeUninit<u8>` slice.
-            let uninit = unsafe { &mut *(&mut *buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+            // SAFETY: only `recv` writes into it.
+            let uninit = unsafe { for_recv(buf) };
             // SAFETY: the descriptor belongs to `self.socket`, alive meanwhile.
             let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
             match socket2::SockRef::from(&borrowed).recv_from_with_flags(uninit, libc::MSG_DONTWAIT) {
@@ -738,7 +743,7 @@ impl UdpDemux {
                     Some(from) => break (n, from),
                     None => continue,
                 },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if not_now(&e) => {}
                 Err(e) => return Err(e),
             }
             if let Some(Err(e)) = crate::runtime::readable(fd, self.socket.peek_from(&mut [0u8; 1])).await {
