@@ -1,9 +1,10 @@
 //! The glommio we build is 0.9.0 with fixes of ours
 //! (.cargo/patched/glommio/PATCHES.md). These tests hold each fix to what
 //! it must keep: an executor that has runnable work does not sleep, and a
-//! task woken from another thread is never left asleep.
+//! task woken from another thread is never left asleep, and a parked
+//! executor wakes for its timers and its sockets.
 //!
-//! Both run bare glommio executors with no timers and no io of their own:
+//! They run bare glommio executors with no timers and no io but their own:
 //! a wrong park then sleeps for good, and the test fails on its timeout
 //! instead of a backstop timer hiding it.
 
@@ -163,4 +164,96 @@ fn a_busy_queue_is_still_preempted() {
         },
     );
     assert!(passes >= 1, "the busy task ran before it was stopped");
+}
+
+/// Patch 5: a parked executor's sleep is bounded by its next timer itself
+/// (no timeout request on the latency ring), and the preempt timer (100
+/// ms) stays pending through parks. Timers of assorted lengths must each
+/// end the sleep, never early, and most of them on time: a sleep the
+/// timer did not bound would last until the preempt timer fired. "On
+/// time" is a correctness bound, not a speed target: 20 ms late at most,
+/// for more than half of the timers.
+#[test]
+fn timers_wake_a_parked_executor() {
+    const ROUNDS: usize = 200;
+    let slept = within_a_minute("a parked executor did not wake for its timer", || {
+        let executor = executor(None)?;
+        Ok(executor.run(async {
+            let mut rng = fastrand::Rng::with_seed(0x71e5);
+            let mut slept = Vec::with_capacity(ROUNDS);
+            for _ in 0..ROUNDS {
+                let wait = Duration::from_micros(rng.u64(50..8_000));
+                let started = std::time::Instant::now();
+                glommio::timer::sleep(wait).await;
+                slept.push((wait, started.elapsed()));
+            }
+            slept
+        }))
+    });
+    let early: Vec<_> = slept.iter().filter(|(wait, slept)| slept < wait).collect();
+    assert!(early.is_empty(), "timers that ended their sleep early: {early:?}");
+    let late = slept
+        .iter()
+        .filter(|(wait, slept)| *slept > *wait + Duration::from_millis(20))
+        .count();
+    assert!(
+        late < ROUNDS / 2,
+        "{late} of {ROUNDS} timers ended their sleep more than 20 ms late: the sleep was not bounded by them"
+    );
+}
+
+/// Patch 5: when the executor parks, the main ring's pending submissions
+/// (a socket's readiness poll) go to the kernel with the sleep itself.
+/// A thread writes to the executor's socket at once, after a spin or
+/// after a sleep; every byte must wake it (a submission left behind would
+/// leave it asleep for good: it has no timer and no other io).
+#[test]
+fn socket_bytes_wake_a_parked_executor() {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+    const ROUNDS: u32 = 5_000;
+    let (mut outside, inside) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let worker = thread::spawn(move || {
+        executor(None)?.run(async move {
+            // SAFETY: the descriptor came out of a `UnixStream` it was the
+            // only owner of.
+            let mut stream = unsafe { glommio::net::UnixStream::from_raw_fd(inside.into_raw_fd()) };
+            let mut byte = [0u8; 1];
+            loop {
+                match stream.read(&mut byte).await {
+                    Ok(1) => stream.write_all(&byte).await.map_err(|e| e.to_string())?,
+                    Ok(_) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+    });
+    outside
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut rng = fastrand::Rng::with_seed(0x50c4);
+    for round in 0..ROUNDS {
+        match rng.u8(0..8) {
+            0 => thread::sleep(Duration::from_micros(50)),
+            1..=3 => {
+                let until = std::time::Instant::now() + Duration::from_micros(rng.u64(1..20));
+                while std::time::Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
+            _ => {}
+        }
+        let sent = round as u8;
+        outside.write_all(&[sent]).expect("executor's socket open");
+        let mut echo = [0u8; 1];
+        match outside.read_exact(&mut echo) {
+            Ok(()) => assert_eq!(echo[0], sent, "round {round}"),
+            Err(e) => panic!("round {round}: the parked executor did not wake for its socket's byte ({e})"),
+        }
+    }
+    drop(outside);
+    worker.join().expect("executor thread").expect("executor");
 }

@@ -28,6 +28,12 @@ fn main() {
     let configured_include = configure(&liburing);
 
     let src = liburing.join("src");
+    // libatbus-rs patch (PATCHES.md, 5): the C sources are patched too;
+    // without these lines Cargo missed a change to them.
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=rusturing.c");
+    println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-env-changed=GLOMMIO_LIBURING_DIR");
 
     // liburing
     Build::new()

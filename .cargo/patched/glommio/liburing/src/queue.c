@@ -309,6 +309,35 @@ int io_uring_wait_cqes(struct io_uring *ring, struct io_uring_cqe **cqe_ptr,
 }
 
 /*
+ * libatbus-rs patch (PATCHES.md, 5): submits what is queued and waits for
+ * wait_nr completions, or until ts (relative; NULL: no limit) has passed,
+ * in a single io_uring_enter (IORING_ENTER_EXT_ARG, as liburing 2.2's
+ * io_uring_submit_and_wait_timeout, without its retry loop). Returns the
+ * number submitted, or -errno: -ETIME when the time passed with nothing
+ * submitted. Needs IORING_FEAT_EXT_ARG (-EINVAL without it; nothing is
+ * submitted then).
+ */
+int io_uring_submit_and_wait_timeout(struct io_uring *ring, unsigned wait_nr,
+				     struct __kernel_timespec *ts)
+{
+	struct io_uring_getevents_arg arg = {
+		.sigmask	= 0,
+		.sigmask_sz	= _NSIG / 8,
+		.ts		= (unsigned long) ts
+	};
+	unsigned submit;
+	int ret;
+
+	if (!(ring->features & IORING_FEAT_EXT_ARG))
+		return -EINVAL;
+	submit = __io_uring_flush_sq(ring);
+	ret = __sys_io_uring_enter2(ring->ring_fd, submit, wait_nr,
+				    IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG,
+				    (sigset_t *) &arg, sizeof(arg));
+	return ret < 0 ? -errno : ret;
+}
+
+/*
  * See io_uring_wait_cqes() - this function is the same, it just always uses
  * '1' as the wait_nr.
  */

@@ -1502,6 +1502,17 @@ impl LocalExecutor {
                         // test again here. We can't test *just* here because the main
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
+                    } else if spin_before_park.is_zero() {
+                        // libatbus-rs patch (PATCHES.md, 5): no spinning,
+                        // so park at once. The park polls the rings and
+                        // does not sleep if that woke a task; the poll
+                        // before it was one more `io_uring_enter` (the
+                        // main ring's submissions, which now go with the
+                        // sleep's).
+                        this.parker
+                            .park()
+                            .expect("Failed to park! This is actually pretty bad!");
+                        pre_time = Instant::now();
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
                             if pre_time.elapsed() > spin_before_park {

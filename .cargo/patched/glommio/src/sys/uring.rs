@@ -1044,10 +1044,34 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
-        assert_eq!(
-            self.waiting_kernel_submission(),
-            0,
+    /// Turns the queued submissions into SQEs without entering the kernel:
+    /// they go with the next submission, the sleep's (libatbus-rs patch,
+    /// PATCHES.md, 5). Submits at once only if the SQ ring fills up.
+    fn stage_submissions(&mut self) -> io::Result<usize> {
+        let q = self.submission_queue();
+        let mut queue = q.borrow_mut();
+        self.consume_sqe_queue(&mut queue.submissions, false)
+    }
+
+    /// [`UringCommon::can_sleep`], with SQEs staged for the sleep allowed.
+    fn can_sleep_staged(&self) -> bool {
+        self.submission_queue.borrow().is_empty() && self.waiting_kernel_collection() == 0
+    }
+
+    /// Whether [`SleepableRing::sleep`] can bound its wait itself (kernel
+    /// 5.11 and later: `IORING_FEAT_EXT_ARG`).
+    fn waits_with_timeout(&self) -> bool {
+        self.ring.raw().features & uring_sys::IORING_FEAT_EXT_ARG != 0
+    }
+
+    /// Links the rings and sleeps until a completion, or until `timeout`
+    /// (only with [`SleepableRing::waits_with_timeout`]) has passed.
+    fn sleep(&mut self, link: &Source, timeout: Option<Duration>) -> io::Result<usize> {
+        // libatbus-rs patch (PATCHES.md, 5): with `waits_with_timeout`,
+        // SQEs staged by `stage_submissions` go with the sleep's own
+        // submission.
+        assert!(
+            self.waits_with_timeout() || self.waiting_kernel_submission() == 0,
             "sleeping with pending SQEs"
         );
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
@@ -1071,6 +1095,36 @@ impl SleepableRing {
 
             // We have now prepared the SQE that links the two rings. We now need to submit
             // it successfully to be able to safely sleep.
+
+            // libatbus-rs patch (PATCHES.md, 5): submit and wait in one
+            // `io_uring_enter`, bounded by the next user timer when there
+            // is one (no timeout SQE on the latency ring to arm now and to
+            // cancel after the wake-up). 0.9.0 entered twice here (submit,
+            // then wait) and armed the timer with a third.
+            if self.waits_with_timeout() {
+                let ts = timeout.map(|d| uring_sys::__kernel_timespec {
+                    tv_sec: d.as_secs() as _,
+                    tv_nsec: d.subsec_nanos() as _,
+                });
+                let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const _);
+                // SAFETY: the ring is ours; `ts` outlives the call.
+                let ret = unsafe {
+                    uring_sys::io_uring_submit_and_wait_timeout(self.ring.raw_mut(), 1, ts_ptr)
+                };
+                return match ret {
+                    n if n >= 0 => {
+                        self.in_kernel += n as usize;
+                        Ok(n as usize)
+                    }
+                    // The time passed, a signal came, or the kernel had no
+                    // room for completions: back to the run loop, which
+                    // consumes what is there. An SQE not taken is in the
+                    // kernel's ring and goes with the next submission.
+                    e if [libc::ETIME, libc::EINTR, libc::EAGAIN, libc::EBUSY].contains(&-e) => Ok(0),
+                    e => Err(io::Error::from_raw_os_error(-e)),
+                };
+            }
+            debug_assert!(timeout.is_none(), "a timeout needs IORING_FEAT_EXT_ARG");
 
             if self
                 .submit_sqes()
@@ -1738,7 +1792,11 @@ impl Reactor {
     ///
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
-    fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+    fn link_rings_and_sleep(
+        &self,
+        ring: &mut SleepableRing,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1746,7 +1804,9 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        ring.sleep(&link_rings, timeout)
+            .or_else(Self::busy_ok)
+            .map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1833,7 +1893,16 @@ impl Reactor {
         // the first task. A preempt timer still pending that fires between
         // half the requested slice and the whole of it from now is kept;
         // so is a throughput timer that has not fired.
+        //
+        // libatbus-rs patch (PATCHES.md, 5): a pending preempt timer is also
+        // kept through a park when the ring can bound its sleep by the user
+        // timer itself (it used to be cancelled here and armed again after
+        // the wake-up: two more `io_uring_enter` and timer reprogrammings
+        // per sleep). If it fires while the executor sleeps, the executor
+        // wakes once, finds nothing to do and parks again (at most once a
+        // preempt period, 100 ms by default).
         let preempt = preempt_timer();
+        let parking_keeps = main_ring.waits_with_timeout();
         let keep_preempt = match (preempt, self.latency_preemption_deadline.get()) {
             (Some(slice), Some(deadline)) => {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -1841,6 +1910,7 @@ impl Reactor {
                     && left >= slice / 2
                     && left <= slice
             }
+            (None, Some(_)) => parking_keeps && timer_pending(&self.latency_preemption_timeout_src),
             _ => false,
         };
         if !keep_preempt {
@@ -1871,24 +1941,50 @@ impl Reactor {
         flush_cancellations!(into &mut woke; lat_ring, poll_ring, main_ring);
         // ... which happens right here. If you ever reorder this code just
         // be careful about this dependency.
-        flush_rings!(lat_ring, poll_ring, main_ring)?;
+        //
+        // libatbus-rs patch (PATCHES.md, 5): when about to park, the main
+        // ring's submissions (typically a socket's readiness poll) are
+        // staged and go with the sleep's own `io_uring_enter`.
+        let staging = preempt.is_none() && parking_keeps;
+        if staging {
+            flush_rings!(lat_ring, poll_ring)?;
+            main_ring
+                .stage_submissions()
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok)?;
+        } else {
+            flush_rings!(lat_ring, poll_ring, main_ring)?;
+        }
         // pick up the results of any cancellations
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
         // If we generated any event so far, we can't sleep. Need to handle them.
+        let main_can_sleep = if staging {
+            main_ring.can_sleep_staged()
+        } else {
+            main_ring.can_sleep()
+        };
         let should_sleep = preempt_timer().is_none()
             && (woke == 0)
             && poll_ring.can_sleep()
-            && main_ring.can_sleep()
+            && main_can_sleep
             && lat_ring.can_sleep();
 
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
+            let mut sleep_timeout = None;
             if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+                if parking_keeps {
+                    // libatbus-rs patch (PATCHES.md, 5): the sleep itself is
+                    // bounded (see `SleepableRing::sleep`).
+                    sleep_timeout = Some(dur);
+                } else {
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1902,7 +1998,7 @@ impl Reactor {
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
-                    self.link_rings_and_sleep(&mut main_ring)
+                    self.link_rings_and_sleep(&mut main_ring, sleep_timeout)
                         .expect("some error");
                     // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);

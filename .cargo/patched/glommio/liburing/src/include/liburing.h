@@ -114,6 +114,8 @@ int io_uring_ring_dontfork(struct io_uring *ring);
 void io_uring_queue_exit(struct io_uring *ring);
 unsigned io_uring_peek_batch_cqe(struct io_uring *ring,
 	struct io_uring_cqe **cqes, unsigned count);
+int io_uring_submit_and_wait_timeout(struct io_uring *ring, unsigned wait_nr,
+				     struct __kernel_timespec *ts);
 int io_uring_wait_cqes(struct io_uring *ring, struct io_uring_cqe **cqe_ptr,
 		       unsigned wait_nr, struct __kernel_timespec *ts,
 		       sigset_t *sigmask);
