@@ -43,6 +43,22 @@ fn within_a_minute<T: Send + 'static>(hung: &str, body: impl FnOnce() -> Result<
     }
 }
 
+/// Varies how long an executor had to go to sleep before the next thing
+/// for it comes: none, a spin of a few µs (around its park), or a real
+/// sleep.
+fn let_the_executor_park(rng: &mut fastrand::Rng) {
+    match rng.u8(0..8) {
+        0 => thread::sleep(Duration::from_micros(50)),
+        1..=3 => {
+            let until = std::time::Instant::now() + Duration::from_micros(rng.u64(1..20));
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Patch 2: a preempt timer that fires between the executor's io poll and
 /// its first look at the task queues must not make it park with the task
 /// still runnable. A 1 ns preempt timer makes that the common case: 0.9.0
@@ -83,18 +99,7 @@ fn foreign_wake_ups_reach_a_parking_executor() {
     });
     let mut rng = fastrand::Rng::with_seed(0x5eed);
     for round in 0..ROUNDS {
-        // Vary how long the executor had to go to sleep: none, a spin of
-        // a few µs (around its park), or a real sleep.
-        match rng.u8(0..8) {
-            0 => thread::sleep(Duration::from_micros(50)),
-            1..=3 => {
-                let until = std::time::Instant::now() + Duration::from_micros(rng.u64(1..20));
-                while std::time::Instant::now() < until {
-                    std::hint::spin_loop();
-                }
-            }
-            _ => {}
-        }
+        let_the_executor_park(&mut rng);
         to_executor.send_blocking(round).expect("executor alive");
         match answer_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(answer) => assert_eq!(answer, round),
@@ -236,16 +241,7 @@ fn socket_bytes_wake_a_parked_executor() {
         .expect("read timeout");
     let mut rng = fastrand::Rng::with_seed(0x50c4);
     for round in 0..ROUNDS {
-        match rng.u8(0..8) {
-            0 => thread::sleep(Duration::from_micros(50)),
-            1..=3 => {
-                let until = std::time::Instant::now() + Duration::from_micros(rng.u64(1..20));
-                while std::time::Instant::now() < until {
-                    std::hint::spin_loop();
-                }
-            }
-            _ => {}
-        }
+        let_the_executor_park(&mut rng);
         let sent = round as u8;
         outside.write_all(&[sent]).expect("executor's socket open");
         let mut echo = [0u8; 1];
