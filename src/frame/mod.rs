@@ -281,7 +281,7 @@ impl Encoder {
     /// Bytes `msg` will occupy on the wire.
     pub fn encoded_len(&self, msg: &impl FrameBody) -> usize {
         let body = msg.body_len();
-        varint_len(PROTOCOL_VERSION) + varint_len(body as u64) + body + HASH_LEN
+        header_len(body) + body + HASH_LEN
     }
 
     /// Appends one frame holding `msg` to `dst`, reserving exactly the space it
@@ -339,11 +339,13 @@ impl Encoder {
                 max: self.config.max_frame_len,
             });
         }
-        Ok((
-            body,
-            varint_len(PROTOCOL_VERSION) + varint_len(body as u64) + body + HASH_LEN,
-        ))
+        Ok((body, header_len(body) + body + HASH_LEN))
     }
+}
+
+/// Length of the header of a frame whose body is `body` bytes long.
+pub fn header_len(body: usize) -> usize {
+    varint_len(PROTOCOL_VERSION) + varint_len(body as u64)
 }
 
 /// The frame header: protocol version and body length.

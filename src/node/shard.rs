@@ -234,6 +234,9 @@ pub(super) struct PathIo {
     /// Encoded frames not yet written, one datagram each (datagram links).
     pub datagrams: VecDeque<Bytes>,
     pub datagram: bool,
+    /// The link's writes start aligned (`Link::aligns_writes`): large
+    /// payloads are placed in each write to match their sources.
+    pub aligns: bool,
     pub writer: Option<Waker>,
     /// Write what is buffered, then close.
     pub closing: bool,
@@ -250,12 +253,13 @@ pub(super) struct PathIo {
 }
 
 impl PathIo {
-    pub fn new(datagram: bool, latency: bool, head: Option<crate::proto::MessageHead>) -> Self {
+    pub fn new(datagram: bool, aligns: bool, latency: bool, head: Option<crate::proto::MessageHead>) -> Self {
         Self {
             out: BytesMut::new(),
             gathered: VecDeque::new(),
             datagrams: VecDeque::new(),
             datagram,
+            aligns,
             writer: None,
             closing: false,
             dead: false,
@@ -290,7 +294,12 @@ impl PathIo {
     fn push_transmit(&mut self, encoder: &Encoder, transmit: Transmit) {
         match transmit {
             Transmit::Packet { packet, .. } => {
-                let body = PacketFrame::new(self.head.as_ref(), &packet);
+                let mut body = PacketFrame::new(self.head.as_ref(), &packet);
+                if body.gathers() && self.aligns && !self.datagram {
+                    // The writer takes everything buffered as one write.
+                    let at = self.out.len() + self.gathered.iter().map(Bytes::len).sum::<usize>();
+                    body = PacketFrame::aligned(self.head.as_ref(), &packet, at);
+                }
                 // Large payloads go to a stream socket by reference (a
                 // gathering write) instead of a copy into the frame.
                 let result = if !self.datagram && body.gathers() {

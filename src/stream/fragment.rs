@@ -25,6 +25,38 @@ pub const GATHER_MIN: usize = 4096;
 const FIRST_RARE_TAG: u32 = 4;
 /// Its last field (options, labels, forward_for, close_reason).
 const LAST_RARE_TAG: u32 = 7;
+/// `fragment_type.padding`: filler the receiver skips.
+const PADDING_TAG: u32 = 8;
+
+/// The cache line: a large payload's place in the socket write that carries
+/// it, modulo this, is made its source's, where the link says the kernel's
+/// copy of a write starts aligned (see
+/// [`PacketFrame::aligned`](super::PacketFrame::aligned)).
+pub const PAYLOAD_ALIGN: usize = 64;
+
+/// Bytes of a `padding` field that moves what follows it forward by `skew`
+/// bytes modulo [`PAYLOAD_ALIGN`]: none for 0; otherwise the key and a
+/// one-byte length take two, so a skew of 1 takes 65.
+pub(crate) fn padding_len(skew: usize) -> usize {
+    match skew % PAYLOAD_ALIGN {
+        0 => 0,
+        1 => PAYLOAD_ALIGN + 1,
+        n => n,
+    }
+}
+
+/// Appends a `padding` field [`padding_len`] made `len` bytes long in all
+/// (nothing for 0).
+pub(crate) fn encode_padding(len: usize, buf: &mut impl BufMut) {
+    if len == 0 {
+        return;
+    }
+    debug_assert!((2..=PAYLOAD_ALIGN + 1).contains(&len));
+    encoding::encode_key(PADDING_TAG, WireType::LengthDelimited, buf);
+    // A one-byte length: at most 63.
+    encoding::encode_varint(len as u64 - 2, buf);
+    buf.put_bytes(0, len - 2);
+}
 
 /// One fragment of a stream packet (`packet_content.fragment_type`).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -84,6 +116,18 @@ impl Fragment {
         self.encode_after_payload(dst.out());
     }
 
+    /// Length of what [`Fragment::encode_before_payload`] writes.
+    pub(crate) fn before_payload_len(&self) -> usize {
+        let mut len = 0;
+        if self.packet_type != 0 {
+            len += encoding::int32::encoded_len(1, &self.packet_type);
+        }
+        if !self.data.is_empty() {
+            len += encoding::key_len(2) + encoding::encoded_len_varint(self.data.len() as u64);
+        }
+        len
+    }
+
     /// Fields 1 and 2 up to the payload's bytes (the key and length of a
     /// non-empty payload).
     fn encode_before_payload(&self, buf: &mut impl BufMut) {
@@ -117,6 +161,8 @@ impl From<proto::Fragment> for Fragment {
         let packet_type = std::mem::take(&mut full.packet_type);
         let data = std::mem::take(&mut full.data);
         let fragment_flag = std::mem::take(&mut full.fragment_flag);
+        // Filler with no meaning.
+        full.padding = Bytes::new();
         let rare = (full != proto::Fragment::default()).then(|| Box::new(full));
         Self {
             packet_type,
@@ -250,6 +296,7 @@ mod tests {
                         ..ForwardData::default()
                     }),
                     close_reason: close.map(|(code, message)| CloseReasonData { code, message }),
+                    padding: Bytes::new(),
                 },
             )
     }

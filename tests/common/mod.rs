@@ -64,9 +64,10 @@ pub fn fragment(max_large: usize) -> impl Strategy<Value = Fragment> {
         hash_map("[a-z.]{1,12}", ".{0,12}", 0..4),
         proptest::option::of(forward_data()),
         proptest::option::of(close_reason()),
+        prop_oneof![Just(Bytes::new()), small_bytes()],
     )
         .prop_map(
-            |(packet_type, data, fragment_flag, options, labels, forward_for, close_reason)| Fragment {
+            |(packet_type, data, fragment_flag, options, labels, forward_for, close_reason, padding)| Fragment {
                 packet_type,
                 data,
                 fragment_flag,
@@ -74,6 +75,7 @@ pub fn fragment(max_large: usize) -> impl Strategy<Value = Fragment> {
                 labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
                 forward_for,
                 close_reason,
+                padding,
             },
         )
 }
