@@ -410,9 +410,10 @@ impl<'a> PacketFrame<'a> {
     /// the socket write (the link's: see `Link::aligns_writes`), each large
     /// payload moved by a `padding` field before it (at most 65 bytes;
     /// receivers skip it) to where its destination sits in a
-    /// [`PAYLOAD_ALIGN`]-byte line as its source does. The kernel copies an
-    /// aligned 16 KiB payload into the socket 6-14 % slower when the
-    /// destination is not aligned too (perf/README.md item 27).
+    /// [`PAYLOAD_ALIGN`]-byte line as its source does. The kernel copied an
+    /// aligned 16 KiB payload into a Unix socket ~12 % slower (a bare
+    /// program) to a quarter slower (the bus's sending shard) when the
+    /// destination was not aligned too (perf/README.md item 27).
     pub fn aligned(head: Option<&'a MessageHead>, packet: &'a Packet, at: usize) -> Self {
         let mut frame = Self::new(head, packet);
         if !frame.gathers {
