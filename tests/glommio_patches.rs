@@ -253,3 +253,62 @@ fn socket_bytes_wake_a_parked_executor() {
     drop(outside);
     worker.join().expect("executor thread").expect("executor");
 }
+
+/// Patch 6: `TcpStream::poll_readable` (the bus's stream links wrap Unix
+/// sockets in glommio's `TcpStream` too) completes once bytes wait, reading
+/// none of them, also for an executor that parked meanwhile: a `recv` of the
+/// bus's own after it gets every byte.
+#[test]
+fn readiness_waits_read_nothing() {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+
+    use futures_lite::AsyncWriteExt;
+
+    const ROUNDS: u32 = 2_000;
+    let (mut outside, inside) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let worker = thread::spawn(move || {
+        executor(None)?.run(async move {
+            // SAFETY: the descriptor came out of a `UnixStream` it was the
+            // only owner of.
+            let mut stream = unsafe { glommio::net::TcpStream::from_raw_fd(inside.into_raw_fd()) };
+            let mut spurious = 0u32;
+            loop {
+                std::future::poll_fn(|cx| stream.poll_readable(cx))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let fd = stream.as_raw_fd();
+                let mut byte = [0u8; 1];
+                // SAFETY: a valid buffer of one byte, a descriptor the stream owns.
+                let n = unsafe { libc::recv(fd, byte.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT) };
+                match n {
+                    1 => stream.write_all(&byte).await.map_err(|e| e.to_string())?,
+                    0 => return Ok::<u32, String>(spurious),
+                    _ => spurious += 1,
+                }
+            }
+        })
+    });
+    outside
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut rng = fastrand::Rng::with_seed(0x7ead);
+    for round in 0..ROUNDS {
+        if round % 4 == 0 {
+            let_the_executor_park(&mut rng);
+        }
+        let sent = round as u8;
+        outside.write_all(&[sent]).expect("executor's socket open");
+        let mut echo = [0u8; 1];
+        match outside.read_exact(&mut echo) {
+            Ok(()) => assert_eq!(echo[0], sent, "round {round}: the byte read after the wait"),
+            Err(e) => panic!("round {round}: the readiness wait never completed ({e})"),
+        }
+    }
+    drop(outside);
+    let spurious = worker.join().expect("executor thread").expect("executor");
+    assert!(
+        spurious < ROUNDS / 10,
+        "{spurious} readiness waits found nothing to read"
+    );
+}

@@ -527,6 +527,13 @@ impl Decoder {
         &mut spare[..room]
     }
 
+    /// Whether [`Decoder::read_room`] can give `len` bytes of room in the
+    /// buffer's own memory (taking it back if every frame cut from it was
+    /// dropped), without moving to a fresh allocation.
+    pub fn room_in_place(&mut self, len: usize) -> bool {
+        !self.desynchronized && self.buf.try_reclaim(len)
+    }
+
     /// Counts `n` bytes read into the last [`Decoder::read_room`] as received.
     ///
     /// # Safety

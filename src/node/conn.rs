@@ -533,11 +533,10 @@ impl FrameReader {
         }
         // A reader behind its sender (the last read filled its room) reads
         // straight into the decoder's buffer, which becomes the frames: no
-        // copy. Only while bytes are already there: a read that came back
-        // short goes through the link's own read into the scratch buffer,
-        // whose wait for readiness (glommio's io_uring poll) lets bytes
-        // gather (perf/README.md item 23: reading again at once made tcp's
-        // reads smaller and cost it 10 %).
+        // copy. Only while bytes are already there: after a read that came
+        // back short the reader first waits for readiness (glommio's
+        // io_uring poll), which lets bytes gather (perf/README.md item 23:
+        // reading again at once made tcp's reads smaller and cost it 10 %).
         if self.streaming && link.recvs_uninit() {
             let room = self.decoder.read_room(self.buf.len());
             let len = room.len();
@@ -551,6 +550,25 @@ impl FrameReader {
                 unsafe { self.decoder.filled(n) };
                 self.streaming = n == len;
                 self.decoder.set_presize(!self.streaming);
+                return Ok(n);
+            }
+        }
+        // A short read (the reader caught up) waits for readiness, as
+        // glommio's read does, then reads into the decoder's buffer too when
+        // its memory can be taken back: no copy from the scratch buffer
+        // (perf/README.md item 28). Never into fresh memory: that costs small
+        // messages page faults (item 13).
+        if link.recvs_uninit() && self.decoder.room_in_place(self.buf.len()) && link.readable().await? {
+            let room = self.decoder.read_room(self.buf.len());
+            let len = room.len();
+            if len > 0
+                && let Some(read) = link.try_recv_uninit(room)
+            {
+                let n = read?;
+                // SAFETY: the link initialised `n` bytes of the room.
+                unsafe { self.decoder.filled(n) };
+                self.streaming = n == len;
+                self.decoder.set_presize(false);
                 return Ok(n);
             }
         }

@@ -82,6 +82,12 @@ pub trait Link: 'static {
     fn aligns_writes(&self) -> bool {
         false
     }
+    /// Waits until bytes are probably there for [`Link::try_recv_uninit`]
+    /// (the readiness wait `recv` makes, without its read); `Ok(false)` at
+    /// once from links that wait their own way: read those with `recv`.
+    async fn readable(&self) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Whether [`Link::try_recv_uninit`] can read at all.
     fn recvs_uninit(&self) -> bool {
         false
@@ -306,9 +312,16 @@ fn recv_now(fd: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>]) -> Option<io::Resul
 }
 
 /// Which [`Handoff`] a stream socket makes.
-pub trait StreamKind: AsRawFd {}
+pub trait StreamKind: AsRawFd {
+    /// Completes once the socket is probably readable, reading nothing.
+    fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>>;
+}
 
-impl StreamKind for TcpStream {}
+impl StreamKind for TcpStream {
+    fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        TcpStream::poll_readable(self, cx)
+    }
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLink<S> {
     fn is_datagram(&self) -> bool {
@@ -336,6 +349,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
 
     fn recvs_uninit(&self) -> bool {
         true
+    }
+
+    async fn readable(&self) -> io::Result<bool> {
+        // A latency path waits on the latency ring (`recv`).
+        if self.probe.borrow().is_some() {
+            return Ok(false);
+        }
+        std::future::poll_fn(|cx| self.socket.borrow_mut().poll_readable(cx)).await?;
+        Ok(true)
     }
 
     fn try_recv_uninit(&self, buf: &mut [MaybeUninit<u8>]) -> Option<io::Result<usize>> {

@@ -298,6 +298,27 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         Poll::Pending
     }
 
+    /// libatbus patch: completes once the socket is probably readable,
+    /// reading nothing (the caller then reads with a `recv` of its own).
+    pub(crate) fn poll_readable(&mut self, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        let reactor = self.reactor.upgrade().unwrap();
+        let reactor = reactor.as_ref();
+        if let Some(source) = self.source_rx.as_ref() {
+            if source.result().is_some() {
+                self.source_rx.take();
+                self.read_timeout.cancel_timer(reactor);
+                return Poll::Ready(Ok(()));
+            }
+        } else {
+            self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
+        }
+        poll_err!(self.read_timeout.check(reactor));
+        let source = self.source_rx.as_ref().unwrap();
+        source.add_waiter_single(cx.waker());
+        self.read_timeout.maybe_set_timer(reactor, cx.waker());
+        Poll::Pending
+    }
+
     pub(crate) fn poll_write(&mut self, cx: &Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         // On the write path, we always start with calling `yolo_send`, because
         // it is very likely to success. It could be a waste if it already timed
@@ -405,6 +426,12 @@ impl<S> GlommioStream<S, NonBuffered> {
 }
 
 impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
+    /// libatbus patch: see `NonBufferedStream::poll_readable` (unbuffered
+    /// streams only: a buffered one may hold bytes already).
+    pub(crate) fn poll_readable(&mut self, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        self.stream.poll_readable(cx)
+    }
+
     /// Receives data on the socket from the remote address to which it is
     /// connected, without removing that data from the queue.
     ///

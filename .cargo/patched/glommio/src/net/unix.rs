@@ -419,6 +419,14 @@ impl<B: Buffered + Unpin> AsyncBufRead for UnixStream<B> {
     }
 }
 
+impl UnixStream<NonBuffered> {
+    /// libatbus patch: completes once the socket is probably readable
+    /// (glommio's readiness poll), reading nothing.
+    pub fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream.poll_readable(cx)
+    }
+}
+
 impl<B: RxBuf + Unpin> AsyncRead for UnixStream<B> {
     fn poll_read(
         mut self: Pin<&mut Self>,
