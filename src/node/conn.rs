@@ -537,46 +537,50 @@ impl FrameReader {
         // back short the reader first waits for readiness (glommio's
         // io_uring poll), which lets bytes gather (perf/README.md item 23:
         // reading again at once made tcp's reads smaller and cost it 10 %).
-        if self.streaming && link.recvs_uninit() {
-            let room = self.decoder.read_room(self.buf.len());
-            let len = room.len();
-            // No room (a desynchronised stream): a zero-length read would
-            // look like the peer closing.
-            if len > 0
-                && let Some(read) = link.try_recv_uninit(room)
-            {
-                let n = read?;
-                // SAFETY: the link initialised `n` bytes of the room.
-                unsafe { self.decoder.filled(n) };
-                self.streaming = n == len;
-                self.decoder.set_presize(!self.streaming);
-                return Ok(n);
-            }
+        if self.streaming
+            && link.recvs_uninit()
+            && let Some(read) = self.read_in_place(link, true)
+        {
+            return read;
         }
         // A short read (the reader caught up) waits for readiness, as
         // glommio's read does, then reads into the decoder's buffer too when
         // its memory can be taken back: no copy from the scratch buffer
         // (perf/README.md item 28). Never into fresh memory: that costs small
         // messages page faults (item 13).
-        if link.recvs_uninit() && self.decoder.room_in_place(self.buf.len()) && link.readable().await? {
-            let room = self.decoder.read_room(self.buf.len());
-            let len = room.len();
-            if len > 0
-                && let Some(read) = link.try_recv_uninit(room)
-            {
-                let n = read?;
-                // SAFETY: the link initialised `n` bytes of the room.
-                unsafe { self.decoder.filled(n) };
-                self.streaming = n == len;
-                self.decoder.set_presize(false);
-                return Ok(n);
-            }
+        if link.recvs_uninit()
+            && self.decoder.room_in_place(self.buf.len())
+            && link.readable().await?
+            && let Some(read) = self.read_in_place(link, false)
+        {
+            return read;
         }
         let n = link.recv(&mut self.buf).await?;
         self.decoder.extend(&self.buf[..n]);
         self.streaming = n == self.buf.len();
         self.decoder.set_presize(!self.streaming);
         Ok(n)
+    }
+
+    /// One non-blocking read straight into the decoder's buffer; `None` when
+    /// no bytes wait (or there is no room). `presize`: whether the decoder
+    /// reserves each frame's length again after a short read (for a next
+    /// read that copies in).
+    fn read_in_place<L: Link>(&mut self, link: &L, presize: bool) -> Option<io::Result<usize>> {
+        let room = self.decoder.read_room(self.buf.len());
+        let len = room.len();
+        // No room (a desynchronised stream): a zero-length read would look
+        // like the peer closing.
+        if len == 0 {
+            return None;
+        }
+        let read = link.try_recv_uninit(room)?;
+        Some(read.inspect(|&n| {
+            // SAFETY: the link initialised `n` bytes of the room.
+            unsafe { self.decoder.filled(n) };
+            self.streaming = n == len;
+            self.decoder.set_presize(presize && !self.streaming);
+        }))
     }
 
     /// The next complete frame (or error) of what was read, if any. What
