@@ -207,6 +207,30 @@ fn timers_wake_a_parked_executor() {
     );
 }
 
+/// Writes `rounds` bytes to an executor that echoes them over `outside`,
+/// letting it park before every `park_every`-th; each echo must come back,
+/// the same byte (`stuck`: what it means when one never does).
+fn echo_rounds(mut outside: std::os::unix::net::UnixStream, rounds: u32, seed: u64, park_every: u32, stuck: &str) {
+    use std::io::{Read, Write};
+
+    outside
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for round in 0..rounds {
+        if round % park_every == 0 {
+            let_the_executor_park(&mut rng);
+        }
+        let sent = round as u8;
+        outside.write_all(&[sent]).expect("executor's socket open");
+        let mut echo = [0u8; 1];
+        match outside.read_exact(&mut echo) {
+            Ok(()) => assert_eq!(echo[0], sent, "round {round}"),
+            Err(e) => panic!("round {round}: {stuck} ({e})"),
+        }
+    }
+}
+
 /// Patch 5: when the executor parks, the main ring's pending submissions
 /// (a socket's readiness poll) go to the kernel with the sleep itself.
 /// A thread writes to the executor's socket at once, after a spin or
@@ -214,13 +238,12 @@ fn timers_wake_a_parked_executor() {
 /// leave it asleep for good: it has no timer and no other io).
 #[test]
 fn socket_bytes_wake_a_parked_executor() {
-    use std::io::{Read, Write};
     use std::os::fd::{FromRawFd, IntoRawFd};
 
     use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
     const ROUNDS: u32 = 5_000;
-    let (mut outside, inside) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let (outside, inside) = std::os::unix::net::UnixStream::pair().expect("socket pair");
     let worker = thread::spawn(move || {
         executor(None)?.run(async move {
             // SAFETY: the descriptor came out of a `UnixStream` it was the
@@ -236,21 +259,13 @@ fn socket_bytes_wake_a_parked_executor() {
             }
         })
     });
-    outside
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("read timeout");
-    let mut rng = fastrand::Rng::with_seed(0x50c4);
-    for round in 0..ROUNDS {
-        let_the_executor_park(&mut rng);
-        let sent = round as u8;
-        outside.write_all(&[sent]).expect("executor's socket open");
-        let mut echo = [0u8; 1];
-        match outside.read_exact(&mut echo) {
-            Ok(()) => assert_eq!(echo[0], sent, "round {round}"),
-            Err(e) => panic!("round {round}: the parked executor did not wake for its socket's byte ({e})"),
-        }
-    }
-    drop(outside);
+    echo_rounds(
+        outside,
+        ROUNDS,
+        0x50c4,
+        1,
+        "the parked executor did not wake for its socket's byte",
+    );
     worker.join().expect("executor thread").expect("executor");
 }
 
@@ -260,13 +275,12 @@ fn socket_bytes_wake_a_parked_executor() {
 /// bus's own after it gets every byte.
 #[test]
 fn readiness_waits_read_nothing() {
-    use std::io::{Read, Write};
     use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 
     use futures_lite::AsyncWriteExt;
 
     const ROUNDS: u32 = 2_000;
-    let (mut outside, inside) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let (outside, inside) = std::os::unix::net::UnixStream::pair().expect("socket pair");
     let worker = thread::spawn(move || {
         executor(None)?.run(async move {
             // SAFETY: the descriptor came out of a `UnixStream` it was the
@@ -289,23 +303,7 @@ fn readiness_waits_read_nothing() {
             }
         })
     });
-    outside
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("read timeout");
-    let mut rng = fastrand::Rng::with_seed(0x7ead);
-    for round in 0..ROUNDS {
-        if round % 4 == 0 {
-            let_the_executor_park(&mut rng);
-        }
-        let sent = round as u8;
-        outside.write_all(&[sent]).expect("executor's socket open");
-        let mut echo = [0u8; 1];
-        match outside.read_exact(&mut echo) {
-            Ok(()) => assert_eq!(echo[0], sent, "round {round}: the byte read after the wait"),
-            Err(e) => panic!("round {round}: the readiness wait never completed ({e})"),
-        }
-    }
-    drop(outside);
+    echo_rounds(outside, ROUNDS, 0x7ead, 4, "the readiness wait never completed");
     let spurious = worker.join().expect("executor thread").expect("executor");
     assert!(
         spurious < ROUNDS / 10,

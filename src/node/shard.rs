@@ -298,7 +298,7 @@ impl PathIo {
                 if body.gathers() && self.aligns && !self.datagram {
                     // The writer takes everything buffered as one write.
                     let at = self.out.len() + self.gathered.iter().map(Bytes::len).sum::<usize>();
-                    body = PacketFrame::aligned(self.head.as_ref(), &packet, at);
+                    body = body.aligned(at);
                 }
                 // Large payloads go to a stream socket by reference (a
                 // gathering write) instead of a copy into the frame.

@@ -406,7 +406,7 @@ impl<'a> PacketFrame<'a> {
         }
     }
 
-    /// `packet` in a frame that starts `at` bytes after an aligned point of
+    /// This frame, starting `at` bytes after an aligned point of
     /// the socket write (the link's: see `Link::aligns_writes`), each large
     /// payload moved by a `padding` field before it (at most 65 bytes;
     /// receivers skip it) to where its destination sits in a
@@ -414,8 +414,9 @@ impl<'a> PacketFrame<'a> {
     /// aligned 16 KiB payload into a Unix socket ~12 % slower (a bare
     /// program) to a quarter slower (the bus's sending shard) when the
     /// destination was not aligned too (perf/README.md item 27).
-    pub fn aligned(head: Option<&'a MessageHead>, packet: &'a Packet, at: usize) -> Self {
-        let mut frame = Self::new(head, packet);
+    pub fn aligned(self, at: usize) -> Self {
+        let mut frame = self;
+        let packet = frame.packet;
         if !frame.gathers {
             return frame;
         }
@@ -770,7 +771,7 @@ mod tests {
     /// encoding, a frame that decodes to `packet`, and every large payload
     /// placed where its source sits in a cache line.
     fn check_aligned(head: Option<&MessageHead>, packet: &Packet, at: usize) -> Result<(), TestCaseError> {
-        let body = PacketFrame::aligned(head, packet, at);
+        let body = PacketFrame::new(head, packet).aligned(at);
         let mut out = BytesMut::from(&vec![0u8; at][..]);
         let mut segments = std::collections::VecDeque::new();
         let n = Encoder::default()
