@@ -297,8 +297,7 @@ impl PathIo {
                 let mut body = PacketFrame::new(self.head.as_ref(), &packet);
                 if body.gathers() && self.aligns && !self.datagram {
                     // The writer takes everything buffered as one write.
-                    let at = self.out.len() + self.gathered.iter().map(Bytes::len).sum::<usize>();
-                    body = body.aligned(at);
+                    body = body.aligned(self.buffered());
                 }
                 // Large payloads go to a stream socket by reference (a
                 // gathering write) instead of a copy into the frame.
