@@ -199,6 +199,89 @@ fn udp_two_shards() {
     exchange("udp", "udp://127.0.0.1:0", "udp://127.0.0.1:0", 2048);
 }
 
+/// Nodes on UDP with `udp_mtu` on loopback too (`udp_loopback_mtu` off).
+fn udp_node(name: &str, core: usize, loopback_mtu: bool) -> Node {
+    let mut config = NodeConfig::new(name, &["udp://127.0.0.1:0"]).expect("config");
+    config.runtime.first_core = core;
+    config.udp_loopback_mtu = loopback_mtu;
+    Node::start(config).expect("node starts")
+}
+
+/// Messages of up to 4 KiB over 548-byte datagrams: most span several.
+#[test]
+fn udp_small_datagrams_two_shards() {
+    let a = Arc::new(udp_node("a-udp-small", 0, false));
+    let b = Arc::new(udp_node("b-udp-small", 1, false));
+    exchange_between(a, b, 4096);
+}
+
+/// Bytes per frame `node` wrote on its connections, once the once-a-second
+/// sample has seen `frames` of them.
+fn bytes_per_frame(node: &Node, frames: u64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (bytes, sent) = node.stats_report().map_or((0, 0), |report| {
+            report
+                .connections
+                .iter()
+                .fold((0, 0), |(b, f), c| (b + c.totals.tx_bytes, f + c.totals.tx_frames))
+        });
+        if sent >= frames {
+            return bytes as f64 / sent as f64;
+        }
+        assert!(Instant::now() < deadline, "{}: {sent} frames sampled", node.name());
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// UDP paths to a loopback peer take the loopback route's MTU: 2 000
+/// messages of 4-60 KiB arrive intact and in order in datagrams of tens of
+/// KiB; with `udp_loopback_mtu` off the same go in datagrams of at most
+/// 548 bytes.
+#[test]
+fn udp_loopback_paths_carry_large_datagrams() {
+    for loopback_mtu in [true, false] {
+        let a = Arc::new(udp_node(&format!("a-udp-lo-{loopback_mtu}"), 0, loopback_mtu));
+        let b = Arc::new(udp_node(&format!("b-udp-lo-{loopback_mtu}"), 1, loopback_mtu));
+        a.add_route(b.name(), b.listen_addresses()[0].clone()).expect("route");
+        wait_connected(&b, a.name());
+        const LARGE: u64 = 2_000;
+        let sending = {
+            let (a, to) = (a.clone(), b.name().to_string());
+            thread::spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(29);
+                let mut total = 0u64;
+                for seq in 0..LARGE {
+                    let len = rng.random_range(4096..=60_000);
+                    total += len as u64;
+                    a.send_blocking(&to, 1, payload(seq, len), Duration::from_secs(60))
+                        .unwrap_or_else(|e| panic!("send {seq}: {e}"));
+                }
+                total
+            })
+        };
+        for seq in 0..LARGE {
+            let message = b
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|| panic!("message {seq} never arrived"));
+            check(seq, &message.data);
+        }
+        let total = sending.join().expect("the sender finished");
+        assert!(b.try_recv().is_none(), "no duplicates");
+        assert_eq!(a.stats().bad_frames + b.stats().bad_frames, 0);
+        // At least the frames the bytes took at the smallest datagrams.
+        let per_frame = bytes_per_frame(&a, total / 65_000);
+        println!("udp_loopback_mtu {loopback_mtu}: {per_frame:.0} bytes per datagram");
+        if loopback_mtu {
+            assert!(per_frame > 8_192.0, "{per_frame:.0} bytes per datagram");
+        } else {
+            assert!(per_frame <= 548.0, "{per_frame:.0} bytes per datagram");
+        }
+        a.stop(Duration::from_millis(100));
+        b.stop(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn quic_two_shards() {
     let tls = identities(&["a-quic", "b-quic"]);

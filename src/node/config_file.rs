@@ -6,7 +6,7 @@
 //! shards: 1                        # 0: one per core
 //! discovery: { type: file, path: /etc/atbus/discovery.yaml }
 //! metadata: { namespace_name: game, labels: { zone: eu } }
-//! limits: { recv_queue: 8192, send_window: 4194304 }
+//! limits: { recv_queue: 8192, send_window: 4194304, udp_mtu: 1400 }  # udp_loopback_mtu: false
 //! timeouts_ms: { connect: 2000, idle: 5000, give_up: 30000 }
 //! auth: { tokens: [s3cret-2026, s3cret-2025], clock_skew_s: 300, zero_rtt: true }
 //! anonymous_listen: [tcp://0.0.0.0:7100]  # also admits anonymous clients
@@ -193,6 +193,7 @@ pub struct LimitsFile {
     pub max_streams: Option<usize>,
     pub udp_window: Option<usize>,
     pub udp_mtu: Option<usize>,
+    pub udp_loopback_mtu: Option<bool>,
     pub stream_mtu: Option<usize>,
     pub write_batch: Option<usize>,
 }
@@ -325,6 +326,7 @@ impl NodeFile {
         set(&mut config.stream.max_streams, l.max_streams);
         set(&mut config.udp_window, l.udp_window);
         set(&mut config.udp_mtu, l.udp_mtu);
+        set(&mut config.udp_loopback_mtu, l.udp_loopback_mtu);
         set(&mut config.stream_mtu, l.stream_mtu);
         set(&mut config.write_batch, l.write_batch);
         let t = self.timeouts_ms;
@@ -485,7 +487,7 @@ mod tests {
              listen: [tcp://127.0.0.1:0, unix://@alpha-test]\n\
              shards: 2\n\
              metadata: { namespace_name: game, labels: { zone: eu } }\n\
-             limits: { recv_queue: 100, send_window: 65536 }\n\
+             limits: { recv_queue: 100, send_window: 65536, udp_mtu: 1200, udp_loopback_mtu: false }\n\
              timeouts_ms: { connect: 300, idle: 9000 }\n\
              latency_path: false\n\
              auth: { tokens: [t1, t2], clock_skew_s: 60, zero_rtt: false }\n\
@@ -501,6 +503,9 @@ mod tests {
         assert_eq!(config.runtime.shards, 2);
         assert_eq!(config.recv_queue, 100);
         assert_eq!(config.stream.send_window, 65536);
+        assert_eq!(config.udp_mtu, 1200);
+        assert!(!config.udp_loopback_mtu);
+        assert!(NodeConfig::default().udp_loopback_mtu, "on by default");
         assert_eq!(config.connect_timeout, Duration::from_millis(300));
         assert_eq!(config.idle_timeout, Duration::from_secs(9));
         assert!(!config.latency_path);

@@ -14,6 +14,7 @@
 //!    on too many bad frames (BAD_FRAME), on silence (IDLE_TIMEOUT), or on
 //!    a graceful close (the peer's FINISH_CONNECTION, or SHUTDOWN).
 
+use std::collections::VecDeque;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -496,6 +497,42 @@ async fn write_all_gathered<L: Link>(link: &L, mut parts: Vec<Bytes>) -> io::Res
     Ok(())
 }
 
+/// A datagram path's MTU: [`NodeConfig::udp_mtu`], or to a loopback peer
+/// the loopback route's (no hop can be narrower; perf/README.md item 29),
+/// within a frame this node accepts and the bytes a UDP path keeps in
+/// flight.
+///
+/// [`NodeConfig::udp_mtu`]: super::NodeConfig::udp_mtu
+fn datagram_mtu<L: Link>(link: &L, config: &super::NodeConfig) -> usize {
+    let route = if config.udp_loopback_mtu {
+        link.loopback_mtu()
+    } else {
+        None
+    };
+    match route {
+        Some(route) => route
+            .min(super::UDP_MTU_MAX)
+            .min(config.frame.max_frame_len)
+            .min(config.udp_window)
+            .max(config.udp_mtu),
+        None => config.udp_mtu,
+    }
+}
+
+/// Datagrams a read takes at most: those already waiting after the one it
+/// waited for, up to this many in all, and no more once it holds
+/// [`DATAGRAM_BYTES_PER_READ`] (bounds on one pass of the connection's work,
+/// so latency paths, other connections and timers get their turn).
+const DATAGRAMS_PER_READ: usize = 64;
+
+/// Bytes of datagrams after which a read takes no more: a stream link's
+/// read buffer's worth.
+const DATAGRAM_BYTES_PER_READ: usize = 256 * 1024;
+
+/// Bytes of datagrams a bulk writer sends between yields to the latency
+/// queue.
+const DATAGRAM_BYTES_PER_YIELD: usize = 64 * 1024;
+
 /// Reads frames from a link: stream links through the streaming decoder,
 /// datagram links one frame per datagram.
 struct FrameReader {
@@ -503,8 +540,11 @@ struct FrameReader {
     buf: Vec<u8>,
     datagram: bool,
     config: frame::Config,
-    /// The last datagram's frame, until taken.
-    pending: Option<Result<FrameMessage, DecodeError>>,
+    /// The last burst's datagrams' frames, until taken.
+    pending: VecDeque<Result<FrameMessage, DecodeError>>,
+    /// An error a read met after it had datagrams to return: the next
+    /// read's (a connected UDP socket reports a peer's ICMP refusal once).
+    deferred: Option<io::Error>,
     /// The last read filled all the room it had: more is probably waiting
     /// (see [`FrameReader::fill`]).
     streaming: bool,
@@ -517,7 +557,8 @@ impl FrameReader {
             buf: vec![0u8; if datagram { 65_536 } else { 256 * 1024 }],
             datagram,
             config: config.clone(),
-            pending: None,
+            pending: VecDeque::new(),
+            deferred: None,
             streaming: false,
         }
     }
@@ -526,10 +567,27 @@ impl FrameReader {
     /// when a stream link was closed.
     async fn fill<L: Link>(&mut self, link: &L) -> io::Result<usize> {
         if self.datagram {
+            if let Some(e) = self.deferred.take() {
+                return Err(e);
+            }
             let datagram = link.recv_datagram(&mut self.buf).await?;
-            let n = datagram.len();
-            self.pending = Some(frame::decode_datagram(&self.config, datagram));
-            return Ok(n.max(1));
+            let mut n = datagram.len().max(1);
+            self.pending.push_back(frame::decode_datagram(&self.config, datagram));
+            // And what came with it (perf/README.md item 29).
+            while self.pending.len() < DATAGRAMS_PER_READ && n < DATAGRAM_BYTES_PER_READ {
+                match link.recv_datagram_now(&mut self.buf).await {
+                    None => break,
+                    Some(Ok(datagram)) => {
+                        n += datagram.len().max(1);
+                        self.pending.push_back(frame::decode_datagram(&self.config, datagram));
+                    }
+                    Some(Err(e)) => {
+                        self.deferred = Some(e);
+                        break;
+                    }
+                }
+            }
+            return Ok(n);
         }
         // A reader behind its sender (the last read filled its room) reads
         // straight into the decoder's buffer, which becomes the frames: no
@@ -587,7 +645,7 @@ impl FrameReader {
     /// follows stays buffered, undecoded.
     fn next_frame(&mut self) -> Option<Result<FrameMessage, DecodeError>> {
         if self.datagram {
-            return self.pending.take();
+            return self.pending.pop_front();
         }
         self.decoder.decode().transpose()
     }
@@ -710,7 +768,7 @@ async fn serve<L: Link>(
     let config = &state.shared.config;
     let path = if datagram {
         PathConfig {
-            mtu: config.udp_mtu,
+            mtu: datagram_mtu(&*link, config),
             overhead: 0,
             window: Some(config.udp_window),
             urgent_only: false,
@@ -1508,7 +1566,9 @@ async fn writer<L: Link>(
             }
             Work::Datagrams(datagrams) => {
                 let mut result = Ok(());
+                let mut unyielded = 0;
                 for datagram in datagrams {
+                    let len = datagram.len();
                     match link.send_datagram(datagram).await {
                         Ok(_) => {}
                         // The peer's port is closed for now (ICMP): a lost datagram.
@@ -1518,6 +1578,17 @@ async fn writer<L: Link>(
                             break;
                         }
                     }
+                    // Large datagrams (loopback paths) make a burst of many
+                    // writes: the latency queue gets its turn between them
+                    // as between a stream link's writes.
+                    unyielded += len;
+                    if !latency && unyielded >= DATAGRAM_BYTES_PER_YIELD {
+                        unyielded = 0;
+                        runtime::yield_to_latency().await;
+                    }
+                }
+                if !latency && unyielded > 0 {
+                    runtime::yield_to_latency().await;
                 }
                 result
             }

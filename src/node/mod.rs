@@ -50,6 +50,11 @@ use crate::discovery::{Change, Discovery, Gateway, Host, Match, Metadata, NodeRe
 use crate::runtime::{Runtime, RuntimeConfig, RuntimeError, ShardHandle};
 use crate::stream::{self, StreamId};
 
+/// The largest UDP path MTU: a datagram payload of up to this many bytes
+/// fits the largest IPv4 datagram (65 535 bytes with its headers) and a
+/// reader's 64 KiB receive buffer.
+pub const UDP_MTU_MAX: usize = 65_000;
+
 /// Node settings.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -80,8 +85,14 @@ pub struct NodeConfig {
     /// Unix stream connections also take it as their `SO_SNDBUF` (doubled
     /// by the kernel, capped at `net.core.wmem_max`).
     pub write_batch: usize,
-    /// MTU of UDP paths.
+    /// MTU of UDP paths (256 to [`UDP_MTU_MAX`]; 548 by default, the safe
+    /// UDP payload on any route). See `udp_loopback_mtu` for loopback peers.
     pub udp_mtu: usize,
+    /// UDP paths to a loopback address take the loopback route's MTU
+    /// instead of `udp_mtu` when it is larger (65 507 bytes on Linux, capped
+    /// at [`UDP_MTU_MAX`], `frame.max_frame_len` and `udp_window`): no hop
+    /// there is narrower. On by default; off keeps `udp_mtu` everywhere.
+    pub udp_loopback_mtu: bool,
     /// Bytes in flight per UDP path at most (keep it well under the kernel
     /// socket buffer, see [`crate::transport::UDP_SOCKET_BUFFER`]).
     pub udp_window: usize,
@@ -214,6 +225,7 @@ impl Default for NodeConfig {
             max_bad_frames: 8,
             write_batch: 256 * 1024,
             udp_mtu: stream::PathConfig::UDP_MTU,
+            udp_loopback_mtu: true,
             udp_window: 512 * 1024,
             stream_mtu: stream::PathConfig::TCP_MTU,
             latency_path: true,
@@ -278,7 +290,7 @@ impl NodeConfig {
                 "idle_timeout",
                 self.idle_timeout > self.ping_interval && !self.ping_interval.is_zero(),
             ),
-            ("udp_mtu", (256..=65_000).contains(&self.udp_mtu)),
+            ("udp_mtu", (256..=UDP_MTU_MAX).contains(&self.udp_mtu)),
             ("udp_window", self.udp_window >= self.udp_mtu),
             (
                 "stream_mtu",

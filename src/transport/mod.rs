@@ -109,6 +109,21 @@ pub trait Link: 'static {
         let n = self.recv(buf).await?;
         Ok(Bytes::copy_from_slice(&buf[..n]))
     }
+    /// One more datagram if one is already waiting, without waiting (`None`:
+    /// none there, or the link cannot look without waiting). A reader takes
+    /// what arrived together in one go: one pass of its connection's work,
+    /// and one wake-up of the application, per burst instead of per
+    /// datagram (perf/README.md item 29).
+    async fn recv_datagram_now(&self, _buf: &mut [u8]) -> Option<io::Result<Bytes>> {
+        None
+    }
+    /// The largest datagram payload every hop to the peer carries, where the
+    /// kernel knows it for certain: a loopback peer's route (the loopback
+    /// interface's MTU, less the IP and UDP headers). `None` elsewhere: a
+    /// route's first hop says nothing of narrower hops behind it.
+    fn loopback_mtu(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// [`Link::send_vectored`] without a gathering write: the first non-empty
@@ -311,6 +326,38 @@ fn recv_now(fd: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>]) -> Option<io::Resul
     }
 }
 
+/// The kernel's MTU of the route to `peer` less the IP and UDP headers: the
+/// largest datagram payload it sends unfragmented (`IP_MTU` of a socket
+/// connected to it; connecting a UDP socket sends nothing).
+fn route_mtu(peer: SocketAddr) -> io::Result<usize> {
+    let (local, level, name, headers): (SocketAddr, _, _, usize) = if peer.is_ipv6() {
+        (
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU,
+            40 + 8,
+        )
+    } else {
+        (
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            20 + 8,
+        )
+    };
+    let socket = std::net::UdpSocket::bind(local)?;
+    socket.connect(peer)?;
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the descriptor is open while `socket` lives; `mtu` and `len`
+    // describe a writable `c_int`.
+    let rc = unsafe { libc::getsockopt(socket.as_raw_fd(), level, name, (&raw mut mtu).cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(mtu).unwrap_or(0).saturating_sub(headers))
+}
+
 /// Which [`Handoff`] a stream socket makes.
 pub trait StreamKind: AsRawFd {
     /// Completes once the socket is probably readable, reading nothing.
@@ -502,6 +549,53 @@ impl Link for UdpLink {
             Some(_) => self.socket.send_to(buf, self.peer).await,
         };
         sent.map_err(io::Error::from)
+    }
+
+    async fn recv_datagram(&self, buf: &mut [u8]) -> io::Result<Bytes> {
+        match &self.inbox {
+            // The demultiplexer's datagram as it is: no second copy.
+            Some(inbox) => inbox
+                .recv()
+                .await
+                .map(Bytes::from)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::ConnectionAborted, "udp listener closed")),
+            None => {
+                let n = self.recv(buf).await?;
+                Ok(Bytes::copy_from_slice(&buf[..n]))
+            }
+        }
+    }
+
+    async fn recv_datagram_now(&self, buf: &mut [u8]) -> Option<io::Result<Bytes>> {
+        match &self.inbox {
+            Some(inbox) => match futures_lite::future::poll_once(inbox.recv()).await? {
+                Some(datagram) => Some(Ok(Bytes::from(datagram))),
+                None => Some(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "udp listener closed",
+                ))),
+            },
+            None => {
+                // SAFETY: the descriptor belongs to `self.socket`, alive
+                // meanwhile; only `recv` writes into the buffer.
+                let fd = unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) };
+                let read = recv_now(fd, unsafe { for_recv(buf) })?;
+                Some(read.map(|n| Bytes::copy_from_slice(&buf[..n])))
+            }
+        }
+    }
+
+    fn loopback_mtu(&self) -> Option<usize> {
+        if !self.peer.ip().is_loopback() {
+            return None;
+        }
+        match route_mtu(self.peer) {
+            Ok(mtu) => Some(mtu),
+            Err(e) => {
+                tracing::debug!("no route MTU to {}: {e}", self.peer);
+                None
+            }
+        }
     }
 
     async fn shutdown(&self) {}
@@ -880,5 +974,58 @@ mod tests {
             other.size_send_buffer(batch).expect("nothing to do");
             assert_eq!(send_buffer(&other), kept);
         });
+    }
+
+    /// A connected UDP link: one datagram waited for, those behind it taken
+    /// without waiting, in order, whole, and `None` once none are left.
+    #[test]
+    fn udp_links_take_a_burst_without_waiting() {
+        let executor = glommio::LocalExecutorBuilder::default()
+            .io_memory(512 * 1024)
+            .make()
+            .expect("executor under the memlock limit");
+        executor.run(async {
+            let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer socket");
+            let address = Address::Udp {
+                host: "127.0.0.1".into(),
+                port: peer.local_addr().expect("bound").port(),
+            };
+            let Connected::Udp(link) = connect(&address, Duration::from_secs(1)).await.expect("connected") else {
+                panic!("a UDP link");
+            };
+            let ours = link.socket.local_addr().expect("bound");
+            let mut buf = vec![0u8; 65_536];
+            assert!(link.recv_datagram_now(&mut buf).await.is_none(), "nothing sent yet");
+            let sizes = [1usize, 548, 9_000, 65_000];
+            for (i, &len) in sizes.iter().enumerate() {
+                peer.send_to(&vec![i as u8 + 1; len], ours).expect("sent");
+            }
+            let first = link.recv_datagram(&mut buf).await.expect("the first");
+            assert_eq!(first.as_ref(), vec![1u8; 1].as_slice());
+            for (i, &len) in sizes.iter().enumerate().skip(1) {
+                let next = link
+                    .recv_datagram_now(&mut buf)
+                    .await
+                    .expect("waiting already")
+                    .expect("read");
+                assert_eq!(next.len(), len);
+                assert!(next.iter().all(|&b| b == i as u8 + 1), "datagram {i} whole");
+            }
+            assert!(link.recv_datagram_now(&mut buf).await.is_none(), "all taken");
+        });
+    }
+
+    /// The loopback route's MTU, less the headers: what `lo` carries, at
+    /// least the safe 548 bytes and never more than a datagram holds.
+    #[test]
+    fn loopback_routes_report_their_mtu() {
+        let mtu = route_mtu("127.0.0.1:9".parse().expect("address")).expect("IP_MTU");
+        let lo = std::fs::read_to_string("/sys/class/net/lo/mtu")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if let Some(lo) = lo {
+            assert_eq!(mtu, lo.min(65_535) - 28, "lo's MTU less IPv4 and UDP headers");
+        }
+        assert!((548..=65_507).contains(&mtu), "{mtu}");
     }
 }
