@@ -32,6 +32,13 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 fn metadata(namespace: &str, kind: &str) -> Metadata {
     Metadata {
         namespace_name: namespace.into(),
@@ -63,13 +70,18 @@ struct Spec {
     advertise: Option<RelaySelector>,
     forward: bool,
     policy: RelayPolicy,
+    /// The gateways' scheme: `tcp` or `udp`.
+    transport: &'static str,
 }
 
 fn start(spec: Spec, discovery: &Arc<MemoryDiscovery>) -> Node {
     let mut gateways = Vec::new();
     let mut listen = Vec::new();
     for (priority, rule) in spec.gateways {
-        let address = format!("tcp://127.0.0.1:{}", free_port());
+        let address = match spec.transport {
+            "udp" => format!("udp://127.0.0.1:{}", free_udp_port()),
+            _ => format!("tcp://127.0.0.1:{}", free_port()),
+        };
         listen.push(address.clone());
         gateways.push(Gateway {
             priority,
@@ -106,6 +118,7 @@ fn app(name: &'static str, namespace: &str, policy: RelayPolicy) -> Spec {
         advertise: Some(relay_of(namespace)),
         forward: false,
         policy,
+        transport: "tcp",
     }
 }
 
@@ -132,6 +145,7 @@ fn relay(name: &'static str, namespace: &str, open: bool) -> Spec {
         advertise: None,
         forward: true,
         policy: RelayPolicy::OwnRelay,
+        transport: "tcp",
     }
 }
 
@@ -199,6 +213,29 @@ fn cross_namespace_through_two_relays() {
 }
 
 /// Frames `relay` forwarded while `work` ran.
+/// The same over UDP connections: tunnel frames of up to 32 KiB pass
+/// relays whose UDP paths (loopback: the route's MTU) carry them whole.
+#[test]
+fn cross_namespace_through_two_relays_over_udp() {
+    logs();
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let udp = |spec: Spec| Spec {
+        transport: "udp",
+        ..spec
+    };
+    let relay1 = start(udp(relay("udp-relay1", "uns1", false)), &discovery);
+    let relay2 = start(udp(relay("udp-relay2", "uns2", false)), &discovery);
+    let app1 = start(udp(app("udp-app1", "uns1", RelayPolicy::OwnRelay)), &discovery);
+    let app2 = start(udp(app("udp-app2", "uns2", RelayPolicy::OwnRelay)), &discovery);
+    exchange(&app1, &app2, 100_000);
+    exchange(&app2, &app1, 10_000);
+    assert!(forwarded(&relay1) > 0 && forwarded(&relay2) > 0);
+    for node in [&app1, &app2, &relay1, &relay2] {
+        assert_eq!(node.stats().bad_frames, 0, "{}", node.name());
+        node.stop(Duration::from_millis(200));
+    }
+}
+
 fn forwarded_during(relay: &Node, work: impl FnOnce()) -> u64 {
     let before = forwarded(relay);
     work();
@@ -369,6 +406,7 @@ fn an_allocated_client_gets_through_and_a_forged_one_does_not() {
             advertise: None,
             forward: false,
             policy: RelayPolicy::OwnRelay,
+            transport: "tcp",
         },
         &discovery,
     );
@@ -380,6 +418,7 @@ fn an_allocated_client_gets_through_and_a_forged_one_does_not() {
             advertise: None,
             forward: true,
             policy: RelayPolicy::OwnRelay,
+            transport: "tcp",
         },
         &discovery,
     );

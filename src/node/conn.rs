@@ -785,7 +785,7 @@ async fn serve<L: Link>(
         urgent_only: hello.latency_path,
         ..path
     };
-    let io = PathIo::new(datagram, link.aligns_writes(), hello.latency_path, head);
+    let io = PathIo::new(datagram, path.mtu, link.aligns_writes(), hello.latency_path, head);
     endpoint.add_path(&state, path_id, path, io, hello.incarnation);
     state.shared.set_live(&name, true);
     super::relay::release_held(&state, &endpoint);

@@ -90,12 +90,13 @@ enum Pushed {
 
 /// Appends an encoded frame to one of `endpoint`'s connections (a bulk one
 /// if there is any), as is.
-fn push_raw(state: &ShardState, endpoint: &Endpoint, frame: &Bytes) -> Pushed {
-    let udp_mtu = state.shared.config.udp_mtu;
+fn push_raw(endpoint: &Endpoint, frame: &Bytes) -> Pushed {
     let mut st = endpoint.state.borrow_mut();
     let mut best = None;
     for (id, path) in st.paths.iter() {
-        if path.dead || path.closing || (path.datagram && frame.len() > udp_mtu) {
+        // A datagram path takes frames up to its own MTU (a loopback UDP
+        // path's is the route's, `udp_mtu` elsewhere).
+        if path.dead || path.closing || (path.datagram && frame.len() > path.max_frame) {
             continue;
         }
         if best.is_none() || !path.latency {
@@ -194,7 +195,7 @@ fn register(state: &Rc<ShardState>, carrier: Rc<Endpoint>, key: TunnelKey, end: 
 async fn pump(state: Rc<ShardState>, carrier: Rc<Endpoint>, key: TunnelKey, end: CarrierEnd) {
     'frames: while let Ok(frame) = end.from_link.recv().await {
         loop {
-            match push_raw(&state, &carrier, &frame) {
+            match push_raw(&carrier, &frame) {
                 Pushed::Yes => break,
                 Pushed::Full => glommio::timer::sleep(Duration::from_micros(200)).await,
                 Pushed::NoPath => break 'frames,
@@ -289,7 +290,7 @@ fn bounce(state: &ShardState, via: &Endpoint, head: &MessageHead, code: AtbusClo
         tunnel: head.tunnel,
         ..MessageHead::default()
     });
-    let _ = push_raw(state, via, &encode(state, &frame));
+    let _ = push_raw(via, &encode(state, &frame));
 }
 
 fn encode(state: &ShardState, frame: &FrameMessage) -> Bytes {
@@ -366,7 +367,7 @@ fn pass_on(state: &Rc<ShardState>, next: Arc<str>, frame: Bytes) {
     let metrics = &state.shared.shard_metrics[state.index];
     let endpoint = state.endpoint(&next);
     let len = frame.len();
-    match push_raw(state, &endpoint, &frame) {
+    match push_raw(&endpoint, &frame) {
         Pushed::Yes => metrics.relayed(len),
         Pushed::Full => metrics.relay_dropped.add(1),
         Pushed::NoPath => {
@@ -388,7 +389,7 @@ pub(super) fn release_held(state: &ShardState, endpoint: &Endpoint) {
     let metrics = &state.shared.shard_metrics[state.index];
     for frame in held {
         let len = frame.len();
-        match push_raw(state, endpoint, &frame) {
+        match push_raw(endpoint, &frame) {
             Pushed::Yes => metrics.relayed(len),
             Pushed::Full | Pushed::NoPath => metrics.relay_dropped.add(1),
         }

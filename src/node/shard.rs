@@ -234,6 +234,9 @@ pub(super) struct PathIo {
     /// Encoded frames not yet written, one datagram each (datagram links).
     pub datagrams: VecDeque<Bytes>,
     pub datagram: bool,
+    /// The largest frame the path carries (its `PathConfig::mtu`): on a
+    /// datagram link, the largest datagram.
+    pub max_frame: usize,
     /// The link's writes start aligned (`Link::aligns_writes`): large
     /// payloads are placed in each write to match their sources.
     pub aligns: bool,
@@ -253,12 +256,19 @@ pub(super) struct PathIo {
 }
 
 impl PathIo {
-    pub fn new(datagram: bool, aligns: bool, latency: bool, head: Option<crate::proto::MessageHead>) -> Self {
+    pub fn new(
+        datagram: bool,
+        max_frame: usize,
+        aligns: bool,
+        latency: bool,
+        head: Option<crate::proto::MessageHead>,
+    ) -> Self {
         Self {
             out: BytesMut::new(),
             gathered: VecDeque::new(),
             datagrams: VecDeque::new(),
             datagram,
+            max_frame,
             aligns,
             writer: None,
             closing: false,
