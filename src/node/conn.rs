@@ -122,14 +122,18 @@ async fn listen_udp(state: Rc<ShardState>, socket: Rc<glommio::net::UdpSocket>, 
                 let demux = demux.clone();
                 let peer = link.peer_addr();
                 runtime::spawn(TaskClass::Throughput, async move {
-                    run_link(
+                    let end = run_link(
                         state,
                         Rc::new(link),
                         Dial::Accepted { anonymous },
                         format!("udp://{peer}"),
                     )
                     .await;
-                    demux.forget(peer);
+                    if matches!(end, Some(End::HandedOff)) {
+                        demux.moved(peer);
+                    } else {
+                        demux.forget(peer);
+                    }
                 });
             }
             Some(Ok(None)) => {}
@@ -684,9 +688,12 @@ async fn run_link<L: Link>(state: Rc<ShardState>, link: Rc<L>, dial: Dial, origi
         }
     };
     let home = state.shared.home_shard(&peer.hello.node_name);
-    if home != state.index {
+    if home != state.index || link.shares_socket() {
         // The peer lives on another shard: move the socket there, with the
-        // bytes already read, before any stream data flows.
+        // bytes already read, before any stream data flows. An accepted UDP
+        // peer moves to a connected socket of its own even on this shard:
+        // the listener's socket queues every peer's datagrams in one line,
+        // a latency path's behind a bulk one's (perf/README.md item 29).
         return match link.handoff() {
             Ok(handoff) => {
                 let leftover = reader.decoder.buffer_mut().split().freeze();

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -123,6 +123,12 @@ pub trait Link: 'static {
     /// route's first hop says nothing of narrower hops behind it.
     fn loopback_mtu(&self) -> Option<usize> {
         None
+    }
+    /// Whether the link reads from a socket other links share (an accepted
+    /// UDP peer, fed by its listener's demultiplexer): it is better off on
+    /// a socket of its own ([`Link::handoff`] makes one), on any shard.
+    fn shares_socket(&self) -> bool {
+        false
     }
 }
 
@@ -515,7 +521,17 @@ impl Link for UdpLink {
                     return Err(e.into());
                 }
             },
-            None => self.socket.recv(buf).await.map_err(io::Error::from),
+            // A datagram already waiting is read at once (no io_uring round
+            // trip while a burst lasts); otherwise a one-byte peek waits for
+            // the next, left queued for the read.
+            None => loop {
+                let fd = self.socket.as_raw_fd();
+                // SAFETY: as above.
+                if let Some(done) = recv_now(unsafe { BorrowedFd::borrow_raw(fd) }, unsafe { for_recv(buf) }) {
+                    return done;
+                }
+                self.socket.peek(&mut [0u8; 1]).await.map_err(io::Error::from)?;
+            },
             Some(inbox) => {
                 let datagram = inbox
                     .recv()
@@ -583,6 +599,10 @@ impl Link for UdpLink {
                 Some(read.map(|n| Bytes::copy_from_slice(&buf[..n])))
             }
         }
+    }
+
+    fn shares_socket(&self) -> bool {
+        self.inbox.is_some()
     }
 
     fn loopback_mtu(&self) -> Option<usize> {
@@ -844,9 +864,25 @@ impl Listener {
 /// peer that does not keep up loses datagrams, which the stream layer resends).
 pub struct UdpDemux {
     socket: Rc<UdpSocket>,
-    peers: RefCell<std::collections::HashMap<SocketAddr, LocalSender<Vec<u8>>>>,
+    peers: RefCell<std::collections::HashMap<SocketAddr, DemuxPeer>>,
     queue: usize,
 }
+
+/// A source [`UdpDemux`] knows.
+enum DemuxPeer {
+    /// Its link's queue.
+    Link(LocalSender<Vec<u8>>),
+    /// Its link moved to a connected socket of its own at this instant:
+    /// datagrams that were on their way to the listening socket meanwhile
+    /// are dropped (a new link made of them would take a tunnelled or
+    /// stream frame for a handshake) until [`MOVED_GRACE`] has passed.
+    Moved(Instant),
+}
+
+/// How long datagrams from a source whose link moved to a socket of its
+/// own are dropped: what was queued in the listening socket or on its
+/// way when it moved.
+const MOVED_GRACE: Duration = Duration::from_secs(2);
 
 impl UdpDemux {
     /// Over a bound socket; `queue` datagrams are buffered per peer at most.
@@ -882,22 +918,28 @@ impl UdpDemux {
                 return Err(e.into());
             }
         };
-        let datagram = buf[..n].to_vec();
         let mut peers = self.peers.borrow_mut();
-        if let Some(sender) = peers.get(&from) {
-            match sender.try_send(datagram) {
-                Ok(()) => return Ok(None),
-                Err(glommio::GlommioError::Closed(_)) => {
-                    peers.remove(&from);
+        match peers.get(&from) {
+            Some(DemuxPeer::Link(sender)) => {
+                match sender.try_send(buf[..n].to_vec()) {
+                    Ok(()) => return Ok(None),
+                    Err(glommio::GlommioError::Closed(_)) => {
+                        peers.remove(&from);
+                    }
+                    // Full: drop it, the stream layer resends.
+                    Err(_) => return Ok(None),
                 }
-                // Full: drop it, the stream layer resends.
-                Err(_) => return Ok(None),
+                return Ok(None);
             }
-            return Ok(None);
+            Some(DemuxPeer::Moved(at)) if at.elapsed() < MOVED_GRACE => return Ok(None),
+            Some(DemuxPeer::Moved(_)) => {
+                peers.remove(&from);
+            }
+            None => {}
         }
         let (sender, receiver) = local_channel::new_bounded(self.queue);
         let _ = sender.try_send(buf[..n].to_vec());
-        peers.insert(from, sender);
+        peers.insert(from, DemuxPeer::Link(sender));
         Ok(Some(UdpLink {
             socket: self.socket.clone(),
             peer: from,
@@ -909,6 +951,13 @@ impl UdpDemux {
     /// Forgets a peer whose connection ended.
     pub fn forget(&self, peer: SocketAddr) {
         self.peers.borrow_mut().remove(&peer);
+    }
+
+    /// A peer's link moved to a connected socket of its own
+    /// ([`Link::handoff`]): its datagrams still on their way here are
+    /// dropped for a while ([`MOVED_GRACE`]), then it is forgotten.
+    pub fn moved(&self, peer: SocketAddr) {
+        self.peers.borrow_mut().insert(peer, DemuxPeer::Moved(Instant::now()));
     }
 }
 
@@ -1012,6 +1061,44 @@ mod tests {
                 assert!(next.iter().all(|&b| b == i as u8 + 1), "datagram {i} whole");
             }
             assert!(link.recv_datagram_now(&mut buf).await.is_none(), "all taken");
+        });
+    }
+
+    /// The listener's demultiplexer: a new source makes a link; once that
+    /// link moved to a socket of its own, the source's stragglers make no
+    /// second one; a forgotten source makes a new one again.
+    #[test]
+    fn a_moved_peer_makes_no_second_link() {
+        let executor = glommio::LocalExecutorBuilder::default()
+            .io_memory(512 * 1024)
+            .make()
+            .expect("executor under the memlock limit");
+        executor.run(async {
+            let listening = udp_socket("127.0.0.1:0".parse().expect("address")).expect("bound");
+            let at = listening.local_addr().expect("bound");
+            let demux = UdpDemux::new(Rc::new(listening), 16);
+            let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer socket");
+            let from = peer.local_addr().expect("bound");
+            let mut buf = vec![0u8; 65_536];
+            peer.send_to(b"hello", at).expect("sent");
+            let link = demux.next(&mut buf).await.expect("read").expect("a new link");
+            assert_eq!(link.peer_addr(), from);
+            peer.send_to(b"more", at).expect("sent");
+            assert!(
+                demux.next(&mut buf).await.expect("read").is_none(),
+                "queued to the link"
+            );
+            demux.moved(from);
+            drop(link);
+            peer.send_to(b"straggler", at).expect("sent");
+            assert!(
+                demux.next(&mut buf).await.expect("read").is_none(),
+                "dropped, no new link"
+            );
+            demux.forget(from);
+            peer.send_to(b"hello again", at).expect("sent");
+            let again = demux.next(&mut buf).await.expect("read").expect("a new link");
+            assert_eq!(again.peer_addr(), from);
         });
     }
 
