@@ -138,6 +138,19 @@ fn unix_two_shards() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `count` messages of [`payload`] from `from` arrive at `to` intact and in
+/// order, none twice, and neither node saw a bad frame.
+fn receive_in_order(from: &Node, to: &Node, count: u64) {
+    for seq in 0..count {
+        let message = to
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("message {seq} never arrived"));
+        check(seq, &message.data);
+    }
+    assert!(to.try_recv().is_none(), "no duplicates");
+    assert_eq!(from.stats().bad_frames + to.stats().bad_frames, 0);
+}
+
 /// Unix links place large payloads in each write where their sources sit
 /// in a cache line (`fragment_type.padding`, `PacketFrame::aligned`):
 /// payloads of 4 KiB to 40 KiB whose bytes start at every offset in a line,
@@ -169,15 +182,8 @@ fn unix_large_payloads_from_any_alignment_arrive_intact() {
             }
         })
     };
-    for seq in 0..LARGE {
-        let message = b
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|| panic!("message {seq} never arrived"));
-        check(seq, &message.data);
-    }
+    receive_in_order(&a, &b, LARGE);
     sending.join().expect("the sender finished");
-    assert!(b.try_recv().is_none(), "no duplicates");
-    assert_eq!(a.stats().bad_frames + b.stats().bad_frames, 0);
     a.stop(Duration::from_millis(100));
     b.stop(Duration::from_millis(100));
     let _ = std::fs::remove_dir_all(dir);
@@ -260,15 +266,8 @@ fn udp_loopback_paths_carry_large_datagrams() {
                 total
             })
         };
-        for seq in 0..LARGE {
-            let message = b
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|| panic!("message {seq} never arrived"));
-            check(seq, &message.data);
-        }
+        receive_in_order(&a, &b, LARGE);
         let total = sending.join().expect("the sender finished");
-        assert!(b.try_recv().is_none(), "no duplicates");
-        assert_eq!(a.stats().bad_frames + b.stats().bad_frames, 0);
         // At least the frames the bytes took at the smallest datagrams.
         let per_frame = bytes_per_frame(&a, total / 65_000);
         println!("udp_loopback_mtu {loopback_mtu}: {per_frame:.0} bytes per datagram");

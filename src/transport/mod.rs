@@ -509,28 +509,23 @@ impl Link for UdpLink {
 
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         match &self.inbox {
-            None if self.latency.get() => loop {
-                // As a stream link's latency path (see `StreamLink`).
-                let fd = self.socket.as_raw_fd();
-                // SAFETY: the descriptor belongs to `self.socket`, alive
-                // meanwhile; only `recv` writes into the buffer.
-                if let Some(done) = recv_now(unsafe { BorrowedFd::borrow_raw(fd) }, unsafe { for_recv(buf) }) {
-                    return done;
-                }
-                if let Some(Err(e)) = crate::runtime::readable(fd, self.socket.peek(&mut [0u8; 1])).await {
-                    return Err(e.into());
-                }
-            },
             // A datagram already waiting is read at once (no io_uring round
             // trip while a burst lasts); otherwise a one-byte peek waits for
-            // the next, left queued for the read.
+            // the next, left queued for the read: on a latency path as a
+            // stream link's latency path waits (see `StreamLink`).
             None => loop {
-                let fd = self.socket.as_raw_fd();
-                // SAFETY: as above.
-                if let Some(done) = recv_now(unsafe { BorrowedFd::borrow_raw(fd) }, unsafe { for_recv(buf) }) {
+                if let Some(done) = self.recv_waiting(buf) {
                     return done;
                 }
-                self.socket.peek(&mut [0u8; 1]).await.map_err(io::Error::from)?;
+                let mut byte = [0u8; 1];
+                let peek = self.socket.peek(&mut byte);
+                if self.latency.get() {
+                    if let Some(Err(e)) = crate::runtime::readable(self.socket.as_raw_fd(), peek).await {
+                        return Err(e.into());
+                    }
+                } else {
+                    peek.await.map_err(io::Error::from)?;
+                }
             },
             Some(inbox) => {
                 let datagram = inbox
@@ -591,13 +586,7 @@ impl Link for UdpLink {
                     "udp listener closed",
                 ))),
             },
-            None => {
-                // SAFETY: the descriptor belongs to `self.socket`, alive
-                // meanwhile; only `recv` writes into the buffer.
-                let fd = unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) };
-                let read = recv_now(fd, unsafe { for_recv(buf) })?;
-                Some(read.map(|n| Bytes::copy_from_slice(&buf[..n])))
-            }
+            None => Some(self.recv_waiting(buf)?.map(|n| Bytes::copy_from_slice(&buf[..n]))),
         }
     }
 
@@ -965,6 +954,16 @@ impl UdpLink {
     /// The remote socket address.
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// A datagram already waiting in the link's own socket, read without
+    /// waiting; `None` when none is there.
+    fn recv_waiting(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        // SAFETY: the descriptor belongs to `self.socket`, alive meanwhile;
+        // only `recv` writes into the buffer.
+        recv_now(unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) }, unsafe {
+            for_recv(buf)
+        })
     }
 }
 
