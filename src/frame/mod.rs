@@ -33,7 +33,10 @@ use std::mem::MaybeUninit;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
+use std::sync::LazyLock;
+
 use twox_hash::XxHash3_64;
+use twox_hash::xxhash3_64::{DEFAULT_SECRET_LENGTH, RawHasher, SecretBuffer};
 
 use crate::proto::FrameMessage;
 
@@ -210,6 +213,28 @@ pub fn frame_hash(bytes: &[u8]) -> u32 {
     XxHash3_64::oneshot_with_seed(HASH_SEED, bytes) as u32
 }
 
+/// The secret xxh3 derives from [`HASH_SEED`] for inputs over 240 bytes,
+/// derived once: `XxHash3_64::with_seed` derives it into a fresh heap
+/// buffer per hasher, one allocation per gathered frame.
+static FRAME_SECRET: LazyLock<[u8; DEFAULT_SECRET_LENGTH]> = LazyLock::new(|| {
+    match SecretBuffer::with_seed(HASH_SEED, [0; DEFAULT_SECRET_LENGTH]) {
+        Ok(buffer) => buffer.into_secret(),
+        // The array is exactly the default secret's length.
+        Err(_) => unreachable!("xxh3's default secret is {DEFAULT_SECRET_LENGTH} bytes"),
+    }
+});
+
+/// A streaming frame hasher (the same hash as [`frame_hash`]) that
+/// allocates nothing.
+type FrameHasher = RawHasher<&'static [u8; DEFAULT_SECRET_LENGTH]>;
+
+fn frame_hasher() -> FrameHasher {
+    match SecretBuffer::new(HASH_SEED, &*FRAME_SECRET) {
+        Ok(buffer) => RawHasher::new(buffer),
+        Err(_) => unreachable!("xxh3's default secret is long enough"),
+    }
+}
+
 /// What a frame carries, as the encoder needs it: its protobuf length and
 /// bytes. [`FrameMessage`] is one; the stream layer has another that writes a
 /// packet's fragments straight into the frame (`stream::PacketFrame`).
@@ -232,7 +257,7 @@ pub trait FrameBody {
 pub struct Gather<'a> {
     out: &'a mut BytesMut,
     segments: &'a mut VecDeque<Bytes>,
-    hasher: XxHash3_64,
+    hasher: FrameHasher,
     /// Where the bytes of `out` not hashed yet start.
     unhashed: usize,
 }
@@ -315,7 +340,7 @@ impl Encoder {
         let mut gather = Gather {
             out,
             segments,
-            hasher: XxHash3_64::with_seed(HASH_SEED),
+            hasher: frame_hasher(),
             unhashed: start,
         };
         msg.encode_body_gathered(&mut gather);
