@@ -134,6 +134,10 @@ pub struct Session {
     /// Round-robin cursors.
     next_path: Option<PathId>,
     next_stream: Option<StreamId>,
+    /// The paths and streams `poll_data` goes through, kept between calls
+    /// so that a packet costs no allocation for them.
+    scratch_paths: Vec<PathId>,
+    scratch_streams: Vec<StreamId>,
 }
 
 impl Session {
@@ -155,6 +159,8 @@ impl Session {
             peer_encrypted: BTreeSet::new(),
             next_path: None,
             next_stream: None,
+            scratch_paths: Vec::new(),
+            scratch_streams: Vec::new(),
         }
     }
 
@@ -694,7 +700,22 @@ impl Session {
         if self.paths.is_empty() || !self.send.values().any(SendStream::has_unsent) {
             return None;
         }
-        let mut path_ids: Vec<PathId> = rotate(self.paths.keys().copied(), self.next_path);
+        let mut path_ids = std::mem::take(&mut self.scratch_paths);
+        let mut stream_ids = std::mem::take(&mut self.scratch_streams);
+        let transmit = self.poll_data_in(now, &mut path_ids, &mut stream_ids);
+        self.scratch_paths = path_ids;
+        self.scratch_streams = stream_ids;
+        transmit
+    }
+
+    /// [`Session::poll_data`] with its scratch lists.
+    fn poll_data_in(
+        &mut self,
+        now: Instant,
+        path_ids: &mut Vec<PathId>,
+        stream_ids: &mut Vec<StreamId>,
+    ) -> Option<Transmit> {
+        rotate_into(path_ids, self.paths.keys().copied(), self.next_path);
         // Healthy paths pick first: the oldest unsent data (often a hole the
         // receiver waits for) must not go to a path that may be dead. Among
         // them, latency paths first (they only take urgent streams).
@@ -708,7 +729,7 @@ impl Session {
         let latency_up = self.paths.values().any(|p| p.config.urgent_only && p.backoff == 0);
         let ordinary_up = self.paths.values().any(|p| !p.config.urgent_only);
         let timepoint = self.timepoint(now);
-        for path_id in path_ids {
+        for &path_id in path_ids.iter() {
             let path = self.paths.get_mut(&path_id)?;
             let only_urgent = path.config.urgent_only && ordinary_up;
             let no_urgent = !path.config.urgent_only && latency_up;
@@ -723,7 +744,8 @@ impl Session {
                 continue;
             }
             let urgent = &self.urgent;
-            let mut stream_ids: Vec<StreamId> = rotate(
+            rotate_into(
+                stream_ids,
                 self.send
                     .iter()
                     .filter(|(id, s)| {
@@ -738,7 +760,7 @@ impl Session {
                 // Stable: round-robin order holds within each class.
                 stream_ids.sort_by_key(|id| !self.urgent.contains(id));
             }
-            for stream_id in stream_ids {
+            for &stream_id in stream_ids.iter() {
                 let Some(chunk) = self.send.get_mut(&stream_id).and_then(|s| s.next_chunk(budget)) else {
                     continue;
                 };
@@ -820,13 +842,13 @@ fn recv_limit(recv: &RecvStream, window: u64) -> u64 {
 }
 
 /// `items` in order, starting just after `after` (round robin).
-fn rotate<T: Copy + Ord>(items: impl Iterator<Item = T>, after: Option<T>) -> Vec<T> {
-    let mut items: Vec<T> = items.collect();
+fn rotate_into<T: Copy + Ord>(dst: &mut Vec<T>, items: impl Iterator<Item = T>, after: Option<T>) {
+    dst.clear();
+    dst.extend(items);
     if let Some(after) = after {
-        let split = items.partition_point(|item| *item <= after);
-        items.rotate_left(split);
+        let split = dst.partition_point(|item| *item <= after);
+        dst.rotate_left(split);
     }
-    items
 }
 
 impl Packet {
