@@ -30,11 +30,10 @@
 use std::collections::VecDeque;
 use std::hash::Hasher;
 use std::mem::MaybeUninit;
+use std::sync::LazyLock;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
-use std::sync::LazyLock;
-
 use twox_hash::XxHash3_64;
 use twox_hash::xxhash3_64::{DEFAULT_SECRET_LENGTH, RawHasher, SecretBuffer};
 
@@ -219,9 +218,8 @@ pub fn frame_hash(bytes: &[u8]) -> u32 {
 }
 
 /// The secret xxh3 derives from [`HASH_SEED`] for inputs over 240 bytes,
-/// derived once. (`XxHash3_64::with_seed` derives it into a fresh heap
-/// buffer per hasher: one allocation per gathered frame, and hashing a
-/// 16 KiB payload took twice as long in the sending shard beside it.)
+/// derived once (`XxHash3_64::with_seed` derives it into a fresh heap
+/// buffer per hasher: an allocation per gathered frame).
 static FRAME_SECRET: LazyLock<[u8; DEFAULT_SECRET_LENGTH]> = LazyLock::new(|| {
     match SecretBuffer::with_seed(HASH_SEED, [0; DEFAULT_SECRET_LENGTH]) {
         Ok(buffer) => buffer.into_secret(),
