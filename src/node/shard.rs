@@ -223,12 +223,6 @@ fn release(counter: &std::sync::atomic::AtomicUsize, len: usize) -> usize {
     before.saturating_sub(len)
 }
 
-/// Room `out` is given when a frame with payloads passed by reference is
-/// encoded and less than [`GATHERED_ROOM_MIN`] is left: the small parts of
-/// a hundred or so such frames.
-const GATHERED_ROOM: usize = 8 * 1024;
-const GATHERED_ROOM_MIN: usize = 512;
-
 /// Write side of one connection, kept by its endpoint so that any task that
 /// drives the session can encode frames for it.
 pub(super) struct PathIo {
@@ -318,15 +312,6 @@ impl PathIo {
                 // Large payloads go to a stream socket by reference (a
                 // gathering write) instead of a copy into the frame.
                 let result = if !self.datagram && body.gathers() {
-                    // Each payload passed by reference splits `out` (the
-                    // small bytes before it go to `gathered`); with room
-                    // left, the split shares `out`'s buffer. Without, the
-                    // buffer grows to just the next frame's small bytes:
-                    // a new buffer and its shared header, two allocations
-                    // per frame.
-                    if self.out.capacity() - self.out.len() < GATHERED_ROOM_MIN {
-                        self.out.reserve(GATHERED_ROOM);
-                    }
                     encoder.encode_gathered(&body, &mut self.out, &mut self.gathered)
                 } else {
                     encoder.encode(&body, &mut self.out)
