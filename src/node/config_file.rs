@@ -196,6 +196,7 @@ pub struct LimitsFile {
     pub udp_loopback_mtu: Option<bool>,
     pub stream_mtu: Option<usize>,
     pub write_batch: Option<usize>,
+    pub tcp_write_batch: Option<usize>,
 }
 
 /// `timeouts_ms:` — milliseconds.
@@ -329,6 +330,7 @@ impl NodeFile {
         set(&mut config.udp_loopback_mtu, l.udp_loopback_mtu);
         set(&mut config.stream_mtu, l.stream_mtu);
         set(&mut config.write_batch, l.write_batch);
+        set(&mut config.tcp_write_batch, l.tcp_write_batch);
         let t = self.timeouts_ms;
         millis(&mut config.connect_timeout, t.connect);
         millis(&mut config.reconnect_min, t.reconnect_min);
@@ -487,7 +489,8 @@ mod tests {
              listen: [tcp://127.0.0.1:0, unix://@alpha-test]\n\
              shards: 2\n\
              metadata: { namespace_name: game, labels: { zone: eu } }\n\
-             limits: { recv_queue: 100, send_window: 65536, udp_mtu: 1200, udp_loopback_mtu: false }\n\
+             limits: { recv_queue: 100, send_window: 65536, udp_mtu: 1200, udp_loopback_mtu: false,\n\
+                       write_batch: 131072, tcp_write_batch: 98304 }\n\
              timeouts_ms: { connect: 300, idle: 9000 }\n\
              latency_path: false\n\
              auth: { tokens: [t1, t2], clock_skew_s: 60, zero_rtt: false }\n\
@@ -506,6 +509,7 @@ mod tests {
         assert_eq!(config.udp_mtu, 1200);
         assert!(!config.udp_loopback_mtu);
         assert!(NodeConfig::default().udp_loopback_mtu, "on by default");
+        assert_eq!((config.write_batch, config.tcp_write_batch), (131_072, 98_304));
         assert_eq!(config.connect_timeout, Duration::from_millis(300));
         assert_eq!(config.idle_timeout, Duration::from_secs(9));
         assert!(!config.latency_path);
@@ -519,6 +523,7 @@ mod tests {
             ("name: a\nlisten: [sctp://x:1]\n", "sctp"),
             ("name: a\nlisten_on: [tcp://x:1]\n", "listen_on"),
             ("name: a\nlimits: { recv_queue: 0 }\n", "recv_queue"),
+            ("name: a\nlimits: { tcp_write_batch: 4096 }\n", "tcp_write_batch"),
             (
                 "name: a\ntimeouts_ms: { idle: 10, ping_interval: 1000 }\n",
                 "idle_timeout",

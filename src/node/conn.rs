@@ -792,7 +792,19 @@ async fn serve<L: Link>(
         urgent_only: hello.latency_path,
         ..path
     };
-    let io = PathIo::new(datagram, path.mtu, link.aligns_writes(), hello.latency_path, head);
+    let batch = if link.is_tcp() {
+        config.tcp_write_batch
+    } else {
+        config.write_batch
+    };
+    let io = PathIo::new(
+        datagram,
+        path.mtu,
+        link.aligns_writes(),
+        batch,
+        hello.latency_path,
+        head,
+    );
     endpoint.add_path(&state, path_id, path, io, hello.incarnation);
     state.shared.set_live(&name, true);
     super::relay::release_held(&state, &endpoint);

@@ -240,6 +240,9 @@ pub(super) struct PathIo {
     /// The link's writes start aligned (`Link::aligns_writes`): large
     /// payloads are placed in each write to match their sources.
     pub aligns: bool,
+    /// Bytes buffered for one write before the session's data waits
+    /// (`NodeConfig::write_batch`, or `tcp_write_batch` on TCP links).
+    pub batch: usize,
     pub writer: Option<Waker>,
     /// Write what is buffered, then close.
     pub closing: bool,
@@ -260,6 +263,7 @@ impl PathIo {
         datagram: bool,
         max_frame: usize,
         aligns: bool,
+        batch: usize,
         latency: bool,
         head: Option<crate::proto::MessageHead>,
     ) -> Self {
@@ -270,6 +274,7 @@ impl PathIo {
             datagram,
             max_frame,
             aligns,
+            batch,
             writer: None,
             closing: false,
             dead: false,
@@ -395,16 +400,15 @@ enum Submitted {
 
 impl EndpointState {
     /// Moves what the session has to send into the paths' write buffers
-    /// (a path past `write_batch` is blocked until its writer catches up).
+    /// (a path past its write batch is blocked until its writer catches up).
     fn transmit(&mut self, shard: &ShardState, now: Instant) {
-        let batch = shard.shared.config.write_batch;
         while let Some(transmit) = self.session.poll_transmit(now) {
             let id = transmit.path();
             let Some(path) = self.paths.get_mut(&id) else {
                 continue;
             };
             path.push_transmit(&shard.encoder, transmit);
-            if path.buffered() >= batch {
+            if path.buffered() >= path.batch {
                 self.session.set_path_blocked(id, true);
             }
         }

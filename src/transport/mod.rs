@@ -82,6 +82,12 @@ pub trait Link: 'static {
     fn aligns_writes(&self) -> bool {
         false
     }
+    /// Whether writes go through the kernel's TCP stack (TCP connections;
+    /// not Unix sockets, UDP, QUIC or tunnels): such a link's writes are
+    /// batched by `NodeConfig::tcp_write_batch` instead of `write_batch`.
+    fn is_tcp(&self) -> bool {
+        false
+    }
     /// Waits until bytes are probably there for [`Link::try_recv_uninit`]
     /// (the readiness wait `recv` makes, without its read); `Ok(false)` at
     /// once from links that wait their own way: read those with `recv`.
@@ -451,6 +457,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
 
     fn aligns_writes(&self) -> bool {
         self.peer.starts_with("unix:")
+    }
+
+    fn is_tcp(&self) -> bool {
+        !self.peer.starts_with("unix:")
     }
 
     /// Unix sockets: `batch` as `SO_SNDBUF`, which the kernel doubles: one
