@@ -1,7 +1,9 @@
 //! `atbus-baseline`: the "physical limit" column of perf/RESULTS.md. The
 //! same work as `atbus bench` over bare sockets, no bus: one sender thread
 //! (core 0) streams N-byte messages with a 4-byte length prefix to one
-//! receiver thread (core 1) through 256 KiB buffers, and a 64 B ping-pong
+//! receiver thread (core 1), writing as much at once as the bus does (its
+//! default write batch: 64 KiB on tcp, 256 KiB on unix) and reading through
+//! 256 KiB buffers, and a 64 B ping-pong
 //! between two pinned threads. Blocking sockets; tcp, unix, udp (one
 //! datagram per message, no resend) and mem (a channel of `Bytes`).
 //!

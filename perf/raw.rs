@@ -83,7 +83,16 @@ fn framed_throughput(kind: &str, payload: usize, messages: u64, hashed: bool) ->
         pin(1);
         read_framed(rx, payload, messages, hashed)
     });
-    messages as f64 / write_framed(tx, payload, messages, reader, hashed)
+    // The bus's write batch for the kind (`NodeConfig::write_batch`, and
+    // `tcp_write_batch` for TCP, perf/README.md item 33): the bare sender's
+    // writes are as large as the bus's.
+    let defaults = libatbus::node::NodeConfig::default();
+    let batch = if kind == "tcp" {
+        defaults.tcp_write_batch
+    } else {
+        defaults.write_batch
+    };
+    messages as f64 / write_framed(tx, batch, payload, messages, reader, hashed)
 }
 
 /// Messages/s of the tcp or unix baseline when each message also carries
@@ -100,6 +109,7 @@ pub fn hashed_baseline_throughput(transport: &str, payload: usize, messages: u64
 
 fn write_framed(
     socket: impl Write,
+    batch: usize,
     payload: usize,
     messages: u64,
     rx: thread::JoinHandle<Instant>,
@@ -108,7 +118,7 @@ fn write_framed(
     pin(0);
     let data = vec![0xa5u8; payload];
     let len = (payload + if hashed { 4 } else { 0 }) as u32;
-    let mut out = BufWriter::with_capacity(256 * 1024, socket);
+    let mut out = BufWriter::with_capacity(batch, socket);
     let started = Instant::now();
     for _ in 0..messages {
         out.write_all(&len.to_le_bytes()).expect("write");
