@@ -753,6 +753,28 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// The encoder's streamed hash over any split of the bytes into
+        /// pieces (the frame's header, payloads passed by reference, the
+        /// bytes between them) is xxh3's one-shot hash of the whole.
+        #[test]
+        fn streamed_frame_hash_of_any_pieces_matches_the_reference(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..5_000),
+            mut cuts in proptest::collection::vec(0usize..5_000, 0..8),
+        ) {
+            let reference = xxhash_rust::xxh3::xxh3_64_with_seed(&data, HASH_SEED) as u32;
+            cuts.iter_mut().for_each(|c| *c = (*c).min(data.len()));
+            cuts.sort_unstable();
+            let mut hasher = frame_hasher();
+            let mut from = 0;
+            for &cut in cuts.iter().chain(std::iter::once(&data.len())) {
+                hasher.write(&data[from..cut]);
+                from = cut;
+            }
+            proptest::prop_assert_eq!(hasher.finish() as u32, reference);
+        }
+    }
+
     #[test]
     fn datagram_round_trip_and_trailing() {
         let msg = packet(7, b"payload");
