@@ -37,7 +37,14 @@ def machine():
         cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     except OSError:
         cores = "?"
-    return f"{cpu}, {cores} cores, Linux {platform.release()}"
+    # TCP figures depend on it (perf/README.md item 33: BBR's pacing and
+    # the write size).
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            congestion = f.read().strip()
+    except OSError:
+        congestion = "?"
+    return f"{cpu}, {cores} cores, Linux {platform.release()}, TCP congestion control {congestion}"
 
 
 def add_rtt(t, r):
