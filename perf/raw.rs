@@ -83,16 +83,9 @@ fn framed_throughput(kind: &str, payload: usize, messages: u64, hashed: bool) ->
         pin(1);
         read_framed(rx, payload, messages, hashed)
     });
-    // The bus's write batch for the kind (`NodeConfig::write_batch`, and
-    // `tcp_write_batch` for TCP, perf/README.md item 33): the bare sender's
-    // writes are as large as the bus's.
-    let defaults = libatbus::node::NodeConfig::default();
-    let batch = if kind == "tcp" {
-        defaults.tcp_write_batch
-    } else {
-        defaults.write_batch
-    };
-    messages as f64 / write_framed(tx, batch, payload, messages, reader, hashed)
+    // The bare sender's writes are as large as the bus's (perf/README.md
+    // item 33).
+    messages as f64 / write_framed(tx, write_batch(kind), payload, messages, reader, hashed)
 }
 
 /// Messages/s of the tcp or unix baseline when each message also carries
@@ -268,9 +261,17 @@ fn timed_round_trips(trips: usize, total: usize, mut round_trip: impl FnMut()) -
 trait Duplex: Read + Write + std::os::fd::AsRawFd + Send {}
 impl<T: Read + Write + std::os::fd::AsRawFd + Send> Duplex for T {}
 
-/// `NodeConfig::write_batch`'s default, which the bus's Unix links take as
-/// their send buffer.
-const UNIX_SEND_BUFFER: usize = 256 * 1024;
+/// The bus's default write batch for `kind`: `NodeConfig::tcp_write_batch`
+/// on tcp, `write_batch` otherwise (which its Unix links also take as their
+/// send buffer).
+fn write_batch(kind: &str) -> usize {
+    let defaults = libatbus::node::NodeConfig::default();
+    if kind == "tcp" {
+        defaults.tcp_write_batch
+    } else {
+        defaults.write_batch
+    }
+}
 
 /// Two ends of a fresh tcp or unix connection.
 fn stream_pair(transport: &str) -> (Box<dyn Duplex>, Box<dyn Duplex>) {
@@ -280,7 +281,7 @@ fn stream_pair(transport: &str) -> (Box<dyn Duplex>, Box<dyn Duplex>) {
         // batch, doubled by the kernel; `Link::size_send_buffer`): the
         // bare sockets get the same kernel knob.
         for end in [&a, &b] {
-            let _ = socket2::SockRef::from(end).set_send_buffer_size(UNIX_SEND_BUFFER);
+            let _ = socket2::SockRef::from(end).set_send_buffer_size(write_batch("unix"));
         }
         return (Box::new(a), Box::new(b));
     }
