@@ -129,6 +129,70 @@ fn multicast_group_of_three_gets_each_message_once() {
     }
 }
 
+/// A burst that alternates between two peers over sockets, ordinary and
+/// urgent streams mixed (the shard's drain takes them in one pass, moving
+/// urgent ones out first): each peer gets every message of each stream
+/// once, in order.
+#[test]
+fn a_burst_to_two_peers_keeps_each_stream_in_order() {
+    const MESSAGES: u64 = 3_000;
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let sender = start("burst-sender", &["tcp://127.0.0.1:0"], &discovery, None);
+    let peers: Vec<Node> = (0..2)
+        .map(|i| {
+            start(
+                &format!("burst-peer-{i}"),
+                &["tcp://127.0.0.1:0"],
+                &discovery,
+                Some(Host {
+                    hostname: "elsewhere.example".into(),
+                    pid: 20 + i,
+                }),
+            )
+        })
+        .collect();
+    let mut urgent_sent = [0u64; 2];
+    for seq in 0..MESSAGES {
+        let to = (seq % 2) as usize;
+        let name = format!("burst-peer-{to}");
+        sender
+            .send(&name, 1, Bytes::from(seq.to_le_bytes().to_vec()))
+            .unwrap_or_else(|e| panic!("{name} {seq}: {e}"));
+        if seq % 5 == 0 {
+            sender
+                .send_urgent(&name, 2, Bytes::from(urgent_sent[to].to_le_bytes().to_vec()))
+                .unwrap_or_else(|e| panic!("{name} urgent {seq}: {e}"));
+            urgent_sent[to] += 1;
+        }
+    }
+    for (i, peer) in peers.iter().enumerate() {
+        let (mut ordinary, mut urgent) = (Vec::new(), Vec::new());
+        while ordinary.len() as u64 + (urgent.len() as u64) < MESSAGES / 2 + urgent_sent[i] {
+            let message = peer
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|| panic!("peer {i}: {} + {} messages, then none", ordinary.len(), urgent.len()));
+            assert_eq!(&*message.from, "burst-sender");
+            let value = u64::from_le_bytes(message.data.as_ref().try_into().expect("8 bytes"));
+            match message.stream_id {
+                1 => ordinary.push(value),
+                2 => urgent.push(value),
+                other => panic!("peer {i}: stream {other}"),
+            }
+        }
+        let want: Vec<u64> = (0..MESSAGES).filter(|seq| (seq % 2) as usize == i).collect();
+        assert_eq!(ordinary, want, "peer {i}: ordinary stream");
+        assert_eq!(
+            urgent,
+            (0..urgent_sent[i]).collect::<Vec<_>>(),
+            "peer {i}: urgent stream"
+        );
+        assert!(
+            peer.recv_timeout(Duration::from_millis(200)).is_none(),
+            "peer {i}: a message came twice"
+        );
+    }
+}
+
 /// Every way a name can fail at `send` says what is wrong.
 #[test]
 fn unreachable_names_fail_clearly() {

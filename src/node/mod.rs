@@ -638,7 +638,11 @@ struct Outgoing {
     to: Arc<str>,
     stream_id: StreamId,
     data: Bytes,
-    urgent: bool,
+    /// 0 ordinary, 1 urgent. A whole word, not a `bool`: with a bool and
+    /// its padding, the moves of each popped message were copies of odd
+    /// widths that the next loads could not take from the store buffer,
+    /// and the draining shard stalled on them (tcp 64 B).
+    class: usize,
 }
 
 /// A name with no route: the message comes back to the caller.
@@ -847,7 +851,7 @@ impl Shared {
                     to: to.clone(),
                     stream_id,
                     data,
-                    urgent,
+                    class: usize::from(urgent),
                 };
                 let inbox = if urgent {
                     &self.urgent_queues[home]

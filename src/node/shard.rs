@@ -1107,6 +1107,7 @@ pub(super) fn drain_send_queue() {
     let mut drain = Drain {
         state: &state,
         touched: Vec::new(),
+        last: None,
         dropped: BTreeMap::new(),
         any_forgotten: !state.forgotten.borrow().is_empty(),
         freed: false,
@@ -1120,10 +1121,12 @@ pub(super) fn drain_send_queue() {
         if !urgent.is_empty() {
             // Out now, ahead of the bulk moved so far.
             let before = std::mem::take(&mut drain.touched);
+            drain.last = None;
             while let Some(outgoing) = urgent.pop() {
                 drain.take(outgoing);
             }
             drain.freed |= Drain::drive(std::mem::replace(&mut drain.touched, before), &state);
+            drain.last = None;
         }
         let mut batch = 0;
         while batch < URGENT_CHECK {
@@ -1158,6 +1161,7 @@ fn drain_all(state: &Rc<ShardState>) {
     let mut drain = Drain {
         state,
         touched: Vec::new(),
+        last: None,
         dropped: BTreeMap::new(),
         any_forgotten: !state.forgotten.borrow().is_empty(),
         freed: false,
@@ -1197,6 +1201,10 @@ struct Drain<'a> {
     /// counters once per drain, not per message (each release is a write to
     /// a line the sending thread writes too).
     touched: Vec<(Rc<Endpoint>, [usize; 2])>,
+    /// The last message's peer name (the route's own `Arc`, shared by all
+    /// its messages) and its place in `touched`: a burst to one peer looks
+    /// its endpoint up once, not by name per message.
+    last: Option<(Arc<str>, usize)>,
     /// Messages for peers gone for good, per stream.
     dropped: BTreeMap<(Arc<str>, StreamId), (u64, u64)>,
     any_forgotten: bool,
@@ -1219,10 +1227,25 @@ impl Drain<'_> {
             entry.1 += len as u64;
             return;
         }
-        let endpoint = state.endpoint(&outgoing.to);
+        let slot = match &self.last {
+            Some((to, slot)) if Arc::ptr_eq(to, &outgoing.to) => *slot,
+            _ => {
+                let endpoint = state.endpoint(&outgoing.to);
+                let slot = match self.touched.iter().position(|(t, _)| Rc::ptr_eq(t, &endpoint)) {
+                    Some(slot) => slot,
+                    None => {
+                        self.touched.push((endpoint, [0; 2]));
+                        self.touched.len() - 1
+                    }
+                };
+                self.last = Some((outgoing.to.clone(), slot));
+                slot
+            }
+        };
+        let endpoint = &self.touched[slot].0;
         let metrics = &state.shared.shard_metrics[state.index];
-        let class = usize::from(outgoing.urgent);
-        let taken = match endpoint.send(state, outgoing.stream_id, outgoing.data.clone(), outgoing.urgent) {
+        let (class, urgent) = (outgoing.class, outgoing.class == 1);
+        let taken = match endpoint.send(state, outgoing.stream_id, outgoing.data.clone(), urgent) {
             Ok(()) => {
                 metrics.sent(len);
                 len
@@ -1237,7 +1260,7 @@ impl Drain<'_> {
                     .pending
                     .entry(outgoing.stream_id)
                     .or_default()
-                    .push_back((outgoing.data, outgoing.urgent));
+                    .push_back((outgoing.data, urgent));
                 0
             }
             Err(e) => {
@@ -1245,14 +1268,7 @@ impl Drain<'_> {
                 len
             }
         };
-        match self.touched.iter_mut().find(|(t, _)| Rc::ptr_eq(t, &endpoint)) {
-            Some((_, released)) => released[class] += taken,
-            None => {
-                let mut released = [0; 2];
-                released[class] = taken;
-                self.touched.push((endpoint, released));
-            }
-        }
+        self.touched[slot].1[class] += taken;
     }
 
     /// Releases what the sessions took and runs each touched endpoint once.
