@@ -161,7 +161,11 @@ def main(path, commit, date):
         out.append("")
         out.append("a's sender is an application thread as above; b's application is a message handler")
         spin = int(med(hspin))
-        spinning = f"shards spinning {spin} µs before parking" if spin else "shards parking at once"
+        spinning = (
+            f"shards spinning {spin} µs before parking"
+            if spin
+            else "shards parking after their adaptive spin, the default"
+        )
         out.append(f"on b's shard (`Node::set_handler`, {spinning}), so")
         out.append("core 1 runs the receiving shard alone instead of the shard and a reader thread taking")
         out.append("turns. Raw and raw + frame hash: measured in these runs right after each case.")
@@ -180,7 +184,10 @@ def main(path, commit, date):
         out.append("")
     out.append("## 64 B ping-pong (application to application)")
     out.append("")
-    out.append("*queue*: application threads (pinned beside their shards) call `recv_timeout` and `send`;")
+    out.append("*queue*: application threads (pinned beside their shards) call `recv_timeout` and `send`,")
+    out.append("shards as configured by default: before parking they spin for a window that adapts between")
+    out.append("nothing and 50 µs (`RuntimeConfig::adaptive_spin`: it opens while wake-ups come soon after a park,")
+    out.append("and closes after a few long sleeps; perf/README.md item 36);")
     out.append("*queue, spin*: the same with the shards spinning the given µs before parking")
     out.append("(`RuntimeConfig::spin_before_park`, `--spin-us`; idle shards burn that much CPU per wake-up);")
     out.append("*handlers*: the applications are message handlers on the shards (`Node::set_handler`),")

@@ -269,6 +269,47 @@ fn socket_bytes_wake_a_parked_executor() {
     worker.join().expect("executor thread").expect("executor");
 }
 
+/// Patch 7: an executor whose spin before parking adapts (pinned: glommio
+/// spins only on bound executors) wakes for every byte too, whether it
+/// comes during a spin, as the window grows or shrinks, or in a sleep.
+#[test]
+fn socket_bytes_wake_an_adaptively_spinning_executor() {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+    const ROUNDS: u32 = 5_000;
+    let (outside, inside) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let worker = thread::spawn(move || {
+        LocalExecutorBuilder::new(Placement::Fixed(0))
+            .io_memory(IO_MEMORY)
+            .adaptive_spin(Duration::from_micros(50))
+            .make()
+            .map_err(|e| e.to_string())?
+            .run(async move {
+                // SAFETY: the descriptor came out of a `UnixStream` it was
+                // the only owner of.
+                let mut stream = unsafe { glommio::net::UnixStream::from_raw_fd(inside.into_raw_fd()) };
+                let mut byte = [0u8; 1];
+                loop {
+                    match stream.read(&mut byte).await {
+                        Ok(1) => stream.write_all(&byte).await.map_err(|e| e.to_string())?,
+                        Ok(_) => return Ok::<(), String>(()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            })
+    });
+    echo_rounds(
+        outside,
+        ROUNDS,
+        0xada7,
+        1,
+        "the adaptively spinning executor did not wake for its socket's byte",
+    );
+    worker.join().expect("executor thread").expect("executor");
+}
+
 /// Patch 6: `TcpStream::poll_readable` (the bus's stream links wrap Unix
 /// sockets in glommio's `TcpStream` too) completes once bytes wait, reading
 /// none of them, also for an executor that parked meanwhile: a `recv` of the

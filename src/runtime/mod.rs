@@ -92,6 +92,13 @@ pub struct RuntimeConfig {
     pub ring_depth: usize,
     /// Busy-poll this long before parking (lower latency, burns CPU).
     pub spin_before_park: Option<Duration>,
+    /// Busy-poll before parking for a window that adapts between nothing
+    /// and this (unless `spin_before_park` is set; default 50 µs): it opens
+    /// while wake-ups come within four times this of a park (request-reply
+    /// traffic, whose replies then come within it), and closes after a few
+    /// longer waits, so an idle shard burns next to no CPU (glommio patch 7,
+    /// perf/README.md item 36).
+    pub adaptive_spin: Option<Duration>,
     /// Every shard keeps a timer this often (see [`stall_guard`]): a
     /// backstop, the longest a shard could sleep with runnable tasks if
     /// glommio parked it wrongly again.
@@ -109,6 +116,7 @@ impl Default for RuntimeConfig {
             io_memory: 512 * 1024,
             ring_depth: 128,
             spin_before_park: None,
+            adaptive_spin: Some(Duration::from_micros(50)),
             stall_guard: Duration::from_millis(100),
             name: "atbus".to_string(),
         }
@@ -314,6 +322,8 @@ impl Runtime {
                 .ring_depth(config.ring_depth);
             if let Some(spin) = config.spin_before_park {
                 builder = builder.spin_before_park(spin);
+            } else if let Some(max) = config.adaptive_spin {
+                builder = builder.adaptive_spin(max);
             }
             let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), io::Error>>(1);
             let shard_inbox = inbox.clone();

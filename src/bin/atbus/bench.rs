@@ -92,9 +92,14 @@ pub struct BenchArgs {
     #[arg(long, requires = "handler")]
     handler_only: bool,
     /// The shards spin this many µs before parking when idle
-    /// (`RuntimeConfig::spin_before_park`; 0: they park at once).
+    /// (`RuntimeConfig::spin_before_park`; 0: the adaptive spin below).
     #[arg(long, default_value_t = 0)]
     spin_us: u64,
+    /// Without `--spin-us`: the shards' adaptive spin before parking goes
+    /// up to this many µs (`RuntimeConfig::adaptive_spin`, default 50; 0:
+    /// they park at once).
+    #[arg(long, default_value_t = 50)]
+    adaptive_spin_us: u64,
     /// Relay hops between the two nodes (0, 1 or 2; tcp only): measures the
     /// path through `atbus-relay` nodes against direct.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
@@ -684,6 +689,8 @@ impl Pair {
             if args.spin_us > 0 {
                 config.runtime.spin_before_park = Some(Duration::from_micros(args.spin_us));
             }
+            config.runtime.adaptive_spin =
+                (args.adaptive_spin_us > 0).then(|| Duration::from_micros(args.adaptive_spin_us));
             config.tls = tls.get(core).cloned();
             if let Some(window) = path_window {
                 config.stream.path_window = window;

@@ -353,11 +353,14 @@ struct ExecutorQueues {
     preempt_timer_duration: Duration,
     default_preempt_timer_duration: Duration,
     spin_before_park: Option<Duration>,
+    // libatbus-rs patch (PATCHES.md, 7): `spin_before_park` is the most an
+    // adaptive spin takes.
+    adaptive_spin: bool,
     stats: ExecutorStats,
 }
 
 impl ExecutorQueues {
-    fn new(preempt_timer_duration: Duration, spin_before_park: Option<Duration>) -> Self {
+    fn new(preempt_timer_duration: Duration, spin_before_park: Option<Duration>, adaptive_spin: bool) -> Self {
         ExecutorQueues {
             active_executors: BinaryHeap::new(),
             available_executors: AHashMap::new(),
@@ -367,6 +370,7 @@ impl ExecutorQueues {
             preempt_timer_duration,
             default_preempt_timer_duration: preempt_timer_duration,
             spin_before_park,
+            adaptive_spin,
             stats: ExecutorStats::new(),
         }
     }
@@ -456,6 +460,8 @@ pub struct LocalExecutorBuilder {
     placement: Placement,
     /// Spin for duration before parking a reactor
     spin_before_park: Option<Duration>,
+    /// libatbus-rs patch (PATCHES.md, 7): see `adaptive_spin`.
+    adaptive_spin: bool,
     /// A name for the thread-to-be (if any), for identification in panic
     /// messages
     name: String,
@@ -492,6 +498,7 @@ impl LocalExecutorBuilder {
         LocalExecutorBuilder {
             placement: placement.clone(),
             spin_before_park: None,
+            adaptive_spin: false,
             name: String::from(DEFAULT_EXECUTOR_NAME),
             io_memory: DEFAULT_IO_MEMORY,
             ring_depth: DEFAULT_RING_SUBMISSION_DEPTH,
@@ -506,6 +513,22 @@ impl LocalExecutorBuilder {
     #[must_use = "The builder must be built to be useful"]
     pub fn spin_before_park(mut self, spin: Duration) -> LocalExecutorBuilder {
         self.spin_before_park = Some(spin);
+        self.adaptive_spin = false;
+        self
+    }
+
+    /// libatbus-rs patch (PATCHES.md, 7): before parking, spin for a window
+    /// that adapts between nothing and `max` (instead of
+    /// [`Self::spin_before_park`]'s fixed one): it grows after a park that
+    /// a spin of `max` would have avoided (the sleep ended within `max`),
+    /// shrinks after one that slept longer, and stays after a spin that
+    /// caught its event. Traffic that answers within `max` is caught
+    /// spinning; an idle executor's window falls to nothing after a few
+    /// long sleeps, so it burns next to no CPU.
+    #[must_use = "The builder must be built to be useful"]
+    pub fn adaptive_spin(mut self, max: Duration) -> LocalExecutorBuilder {
+        self.spin_before_park = Some(max);
+        self.adaptive_spin = true;
         self
     }
 
@@ -622,6 +645,7 @@ impl LocalExecutorBuilder {
                 preempt_timer: self.preempt_timer_duration,
                 record_io_latencies: self.record_io_latencies,
                 spin_before_park: self.spin_before_park,
+                adaptive_spin: self.adaptive_spin,
                 thread_pool_placement: self.blocking_thread_pool_placement,
                 detect_stalls: self.detect_stalls,
             },
@@ -687,6 +711,7 @@ impl LocalExecutorBuilder {
         let ring_depth = self.ring_depth;
         let preempt_timer_duration = self.preempt_timer_duration;
         let spin_before_park = self.spin_before_park;
+        let adaptive_spin = self.adaptive_spin;
         let detect_stalls = self.detect_stalls;
         let record_io_latencies = self.record_io_latencies;
         let blocking_thread_pool_placement = self.blocking_thread_pool_placement;
@@ -703,6 +728,7 @@ impl LocalExecutorBuilder {
                         preempt_timer: preempt_timer_duration,
                         record_io_latencies,
                         spin_before_park,
+                        adaptive_spin,
                         thread_pool_placement: blocking_thread_pool_placement,
                         detect_stalls,
                     },
@@ -986,6 +1012,7 @@ impl LocalExecutorPoolBuilder {
                             preempt_timer: preempt_timer_duration,
                             record_io_latencies,
                             spin_before_park,
+                            adaptive_spin: false,
                             thread_pool_placement: blocking_thread_pool_placement,
                             detect_stalls,
                         },
@@ -1081,6 +1108,7 @@ pub struct LocalExecutorConfig {
     pub preempt_timer: Duration,
     pub record_io_latencies: bool,
     pub spin_before_park: Option<Duration>,
+    pub adaptive_spin: bool,
     pub thread_pool_placement: PoolPlacement,
     pub detect_stalls: Option<Box<dyn stall::StallDetectionHandler + 'static>>,
 }
@@ -1157,7 +1185,7 @@ impl LocalExecutor {
             None => config.spin_before_park = None,
         }
         let p = parking::Parker::new();
-        let queues = ExecutorQueues::new(config.preempt_timer, config.spin_before_park);
+        let queues = ExecutorQueues::new(config.preempt_timer, config.spin_before_park, config.adaptive_spin);
         let id = notifier.id();
         trace!(id = id, "Creating executor");
         Ok(LocalExecutor {
@@ -1315,6 +1343,10 @@ impl LocalExecutor {
         self.queues.borrow().spin_before_park
     }
 
+    fn adaptive_spin(&self) -> bool {
+        self.queues.borrow().adaptive_spin
+    }
+
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
         self.reactor.need_preempt()
@@ -1462,6 +1494,8 @@ impl LocalExecutor {
             let cx = &mut Context::from_waker(&waker);
 
             let spin_before_park = self.spin_before_park().unwrap_or_default();
+            let adaptive = self.adaptive_spin() && !spin_before_park.is_zero();
+            let mut window = Duration::ZERO;
 
             let future = this
                 .spawn_into(future, TaskQueueHandle::default())
@@ -1502,6 +1536,26 @@ impl LocalExecutor {
                         // test again here. We can't test *just* here because the main
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
+                    } else if adaptive {
+                        // libatbus-rs patch (PATCHES.md, 7): an adaptive
+                        // spin, then a park if nothing came.
+                        let start = Instant::now();
+                        let mut caught = false;
+                        if !window.is_zero() {
+                            while !caught {
+                                caught = this.reactor.spin_poll_io().unwrap();
+                                if !caught && start.elapsed() > window {
+                                    break;
+                                }
+                            }
+                        }
+                        if !caught {
+                            this.parker
+                                .park()
+                                .expect("Failed to park! This is actually pretty bad!");
+                            window = next_spin_window(window, spin_before_park, start.elapsed());
+                        }
+                        pre_time = Instant::now();
                     } else if spin_before_park.is_zero() {
                         // libatbus-rs patch (PATCHES.md, 5): no spinning,
                         // so park at once. The park polls the rings and
@@ -1548,6 +1602,25 @@ impl LocalExecutor {
             defer!(LOCAL_EX = std::ptr::null());
             LOCAL_EX = self as *const Self;
             run(self)
+        }
+    }
+}
+
+/// libatbus-rs patch (PATCHES.md, 7): the adaptive spin's next window,
+/// after a spin of `window` (at most `max`) and a park that together waited
+/// `waited`. A wait within four times `max` doubles the window (from a
+/// quarter of `max`, up to `max`): request-reply traffic whose replies come
+/// that soon while both sides sleep comes within `max` once they spin. A
+/// longer wait halves it, and a window under a sixteenth of `max` closes.
+fn next_spin_window(window: Duration, max: Duration, waited: Duration) -> Duration {
+    if waited <= max * 4 {
+        (window * 2).max(max / 4).min(max)
+    } else {
+        let half = window / 2;
+        if half < max / 16 {
+            Duration::ZERO
+        } else {
+            half
         }
     }
 }
