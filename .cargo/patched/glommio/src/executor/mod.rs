@@ -519,12 +519,12 @@ impl LocalExecutorBuilder {
 
     /// libatbus-rs patch (PATCHES.md, 7): before parking, spin for a window
     /// that adapts between nothing and `max` (instead of
-    /// [`Self::spin_before_park`]'s fixed one): it grows after a park that
-    /// a spin of `max` would have avoided (the sleep ended within `max`),
-    /// shrinks after one that slept longer, and stays after a spin that
-    /// caught its event. Traffic that answers within `max` is caught
-    /// spinning; an idle executor's window falls to nothing after a few
-    /// long sleeps, so it burns next to no CPU.
+    /// [`Self::spin_before_park`]'s fixed one): it grows after a spin and
+    /// park that together waited at most four times `max`, shrinks after a
+    /// longer wait, and stays after a spin that caught its event (see
+    /// `next_spin_window`). Request-reply traffic is caught spinning; an
+    /// idle executor's window falls to nothing after a few long sleeps, so
+    /// it burns next to no CPU. Only pinned executors spin.
     #[must_use = "The builder must be built to be useful"]
     pub fn adaptive_spin(mut self, max: Duration) -> LocalExecutorBuilder {
         self.spin_before_park = Some(max);
