@@ -51,6 +51,12 @@ pub struct NodeFile {
     pub pin: Option<bool>,
     /// glommio io memory per shard, bytes (3 × this is locked).
     pub io_memory: Option<usize>,
+    /// Most a shard spins before it parks, adaptively, µs
+    /// (`RuntimeConfig::adaptive_spin`, default 50; 0: park at once).
+    pub adaptive_spin_us: Option<u64>,
+    /// A fixed spin before every park instead, µs
+    /// (`RuntimeConfig::spin_before_park`; burns that much CPU per wake-up).
+    pub spin_us: Option<u64>,
     /// Where records live.
     pub discovery: DiscoveryFile,
     /// Published metadata.
@@ -312,6 +318,12 @@ impl NodeFile {
         set(&mut config.runtime.first_core, self.first_core);
         set(&mut config.runtime.pin, self.pin);
         set(&mut config.runtime.io_memory, self.io_memory);
+        if let Some(us) = self.adaptive_spin_us {
+            config.runtime.adaptive_spin = (us > 0).then(|| Duration::from_micros(us));
+        }
+        if let Some(us) = self.spin_us {
+            config.runtime.spin_before_park = (us > 0).then(|| Duration::from_micros(us));
+        }
         set(&mut config.metadata, self.metadata);
         config.host = self.host;
         config.gateways = self.gateways;
@@ -488,6 +500,7 @@ mod tests {
             "name: alpha\n\
              listen: [tcp://127.0.0.1:0, unix://@alpha-test]\n\
              shards: 2\n\
+             adaptive_spin_us: 20\n\
              metadata: { namespace_name: game, labels: { zone: eu } }\n\
              limits: { recv_queue: 100, send_window: 65536, udp_mtu: 1200, udp_loopback_mtu: false,\n\
                        write_batch: 131072, tcp_write_batch: 98304 }\n\
@@ -504,6 +517,15 @@ mod tests {
         assert_eq!(config.name, "alpha");
         assert_eq!(config.listen.len(), 2);
         assert_eq!(config.runtime.shards, 2);
+        assert_eq!(config.runtime.adaptive_spin, Some(Duration::from_micros(20)));
+        assert_eq!(config.runtime.spin_before_park, None);
+        let parking = NodeConfig::from_yaml("name: a\nadaptive_spin_us: 0\nspin_us: 0\n").expect("valid");
+        assert_eq!(
+            (parking.runtime.adaptive_spin, parking.runtime.spin_before_park),
+            (None, None)
+        );
+        let fixed = NodeConfig::from_yaml("name: a\nspin_us: 30\n").expect("valid");
+        assert_eq!(fixed.runtime.spin_before_park, Some(Duration::from_micros(30)));
         assert_eq!(config.recv_queue, 100);
         assert_eq!(config.stream.send_window, 65536);
         assert_eq!(config.udp_mtu, 1200);
@@ -524,6 +546,8 @@ mod tests {
             ("name: a\nlisten_on: [tcp://x:1]\n", "listen_on"),
             ("name: a\nlimits: { recv_queue: 0 }\n", "recv_queue"),
             ("name: a\nlimits: { tcp_write_batch: 4096 }\n", "tcp_write_batch"),
+            ("name: a\nadaptive_spin_us: 20000\n", "adaptive_spin"),
+            ("name: a\nspin_us: 20000\n", "spin_before_park"),
             (
                 "name: a\ntimeouts_ms: { idle: 10, ping_interval: 1000 }\n",
                 "idle_timeout",

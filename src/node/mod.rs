@@ -289,7 +289,7 @@ impl NodeConfig {
             field: "frame",
             reason: e.to_string(),
         })?;
-        let checks: [(&'static str, bool); 9] = [
+        let checks: [(&'static str, bool); 11] = [
             ("connect_timeout", !self.connect_timeout.is_zero()),
             ("peer_give_up", !self.peer_give_up.is_zero()),
             (
@@ -308,6 +308,16 @@ impl NodeConfig {
             ),
             ("write_batch", self.write_batch >= self.stream_mtu),
             ("tcp_write_batch", self.tcp_write_batch >= self.stream_mtu),
+            // A spin of more than 10 ms before each park is a core burnt,
+            // not a latency gain.
+            (
+                "runtime.adaptive_spin",
+                self.runtime.adaptive_spin.is_none_or(|d| d <= MAX_SPIN),
+            ),
+            (
+                "runtime.spin_before_park",
+                self.runtime.spin_before_park.is_none_or(|d| d <= MAX_SPIN),
+            ),
         ];
         for (field, ok) in checks {
             if !ok {
@@ -1352,6 +1362,10 @@ fn adapt_recv_spins(budget: u32, found: bool) -> u32 {
         budget.saturating_sub(1).max(1)
     }
 }
+
+/// The longest spin before parking a config may ask for
+/// (`RuntimeConfig::adaptive_spin`, `spin_before_park`).
+const MAX_SPIN: Duration = Duration::from_millis(10);
 
 /// Lookups of a route that discovery changes keep dropping before `send`
 /// gives up on it.
