@@ -1536,44 +1536,30 @@ impl LocalExecutor {
                         // test again here. We can't test *just* here because the main
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
-                    } else if adaptive {
-                        // libatbus-rs patch (PATCHES.md, 7): an adaptive
-                        // spin, then a park if nothing came.
+                    } else {
+                        // libatbus-rs patches (PATCHES.md, 5 and 7): spin
+                        // for the fixed `spin_before_park` or the adaptive
+                        // window, then park unless the spin caught
+                        // something. With nothing to spin, park at once:
+                        // the park polls the rings and does not sleep if
+                        // that woke a task (a poll before it was one more
+                        // `io_uring_enter`; the main ring's submissions now
+                        // go with the sleep's).
+                        let limit = if adaptive { window } else { spin_before_park };
                         let start = Instant::now();
                         let mut caught = false;
-                        if !window.is_zero() {
-                            while !caught {
-                                caught = this.reactor.spin_poll_io().unwrap();
-                                if !caught && start.elapsed() > window {
-                                    break;
-                                }
+                        while !limit.is_zero() && !caught {
+                            caught = this.reactor.spin_poll_io().unwrap();
+                            if !caught && start.elapsed() > limit {
+                                break;
                             }
                         }
                         if !caught {
                             this.parker
                                 .park()
                                 .expect("Failed to park! This is actually pretty bad!");
-                            window = next_spin_window(window, spin_before_park, start.elapsed());
-                        }
-                        pre_time = Instant::now();
-                    } else if spin_before_park.is_zero() {
-                        // libatbus-rs patch (PATCHES.md, 5): no spinning,
-                        // so park at once. The park polls the rings and
-                        // does not sleep if that woke a task; the poll
-                        // before it was one more `io_uring_enter` (the
-                        // main ring's submissions, which now go with the
-                        // sleep's).
-                        this.parker
-                            .park()
-                            .expect("Failed to park! This is actually pretty bad!");
-                        pre_time = Instant::now();
-                    } else {
-                        while !this.reactor.spin_poll_io().unwrap() {
-                            if pre_time.elapsed() > spin_before_park {
-                                this.parker
-                                    .park()
-                                    .expect("Failed to park! This is actually pretty bad!");
-                                break;
+                            if adaptive {
+                                window = next_spin_window(window, spin_before_park, start.elapsed());
                             }
                         }
                         // reset the timer for deduct spin loop time
