@@ -798,7 +798,14 @@ impl Shared {
         // record, perhaps right after `resolve` made it): look it up again.
         for _ in 0..RESOLVE_TRIES {
             match self.send_routed(peer, stream_id, data, urgent, groups) {
-                Ok(result) => return result,
+                // Not `Ok(result) => return result`: that copied the whole
+                // 72-byte result with 16-byte loads, the first of which
+                // waited for the 8-byte store of its tag to leave the store
+                // buffer, behind the queue push's stores to a line the
+                // receiving core holds (mem 64 B: 58 of the sending thread's
+                // 100 ns per message, perf/README.md item 38).
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(error)) => return Err(error),
                 Err(Unrouted(back)) => {
                     data = back;
                     self.resolve(peer)?;
