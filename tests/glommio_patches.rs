@@ -310,6 +310,95 @@ fn socket_bytes_wake_an_adaptively_spinning_executor() {
     worker.join().expect("executor thread").expect("executor");
 }
 
+/// Patch 8: the throughput preemption timer (it fires after `ring_depth`
+/// completions on the main ring) still tells a running task to yield, and
+/// does so without an io-wq worker thread: it used to write the latency
+/// ring's eventfd, a write io_uring always hands to a worker (an eventfd has
+/// no `write_iter`), which then woke on the executor's core. Sixteen socket
+/// reads complete while a task spins (the time-based preempt timer is set
+/// to a minute, so only the throughput timer can raise `need_preempt`), and
+/// no thread named after the executor's io-wq (`iou-wrk-<its tid>`) may
+/// exist afterwards.
+#[test]
+fn throughput_preemption_needs_no_io_worker() {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::time::Instant;
+
+    use futures_lite::AsyncReadExt;
+
+    const SOCKETS: usize = 16;
+    let (outside, inside): (Vec<_>, Vec<_>) = (0..SOCKETS)
+        .map(|_| std::os::unix::net::UnixStream::pair().expect("socket pair"))
+        .unzip();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let writer = thread::spawn(move || {
+        use std::io::Write;
+        go_rx.recv().expect("the spinning task's go");
+        for mut socket in outside {
+            socket.write_all(&[1]).expect("executor's socket open");
+            // Kept open until the test ends: the reads see a byte, not EOF.
+            std::mem::forget(socket);
+        }
+    });
+    let (told, executor_tid) = within_a_minute("the executor hung", move || {
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(IO_MEMORY)
+            .ring_depth(8)
+            .preempt_timer(Duration::from_secs(60))
+            .make()
+            .map_err(|e| e.to_string())?
+            .run(async move {
+                let tid = std::fs::read_link("/proc/thread-self")
+                    .map_err(|e| e.to_string())?
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .map(str::to_string)
+                    .ok_or("no thread id")?;
+                let readers: Vec<_> = inside
+                    .into_iter()
+                    .map(|socket| {
+                        glommio::spawn_local(async move {
+                            // SAFETY: the descriptor came out of a
+                            // `UnixStream` it was the only owner of.
+                            let mut stream = unsafe { glommio::net::UnixStream::from_raw_fd(socket.into_raw_fd()) };
+                            let mut byte = [0u8; 1];
+                            stream.read(&mut byte).await.map_err(|e| e.to_string())
+                        })
+                    })
+                    .collect();
+                // Lets the executor submit the readers' reads (a pass of
+                // its loop), then spins without yielding until told to.
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                go_tx.send(()).map_err(|e| e.to_string())?;
+                let until = Instant::now() + Duration::from_secs(20);
+                let mut told = false;
+                while Instant::now() < until {
+                    if glommio::executor().need_preempt() {
+                        told = true;
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                for reader in readers {
+                    assert_eq!(reader.await?, 1, "each reader got its byte");
+                }
+                Ok::<(bool, String), String>((told, tid))
+            })
+    });
+    writer.join().expect("writer thread");
+    assert!(
+        told,
+        "sixteen completions on a ring 8 deep did not raise need_preempt within 20 s"
+    );
+    let worker = format!("iou-wrk-{executor_tid}");
+    let workers: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == worker)
+        .collect();
+    assert!(workers.is_empty(), "an io-wq worker ran for the executor: {workers:?}");
+}
+
 /// Patch 6: `TcpStream::poll_readable` (the bus's stream links wrap Unix
 /// sockets in glommio's `TcpStream` too) completes once bytes wait, reading
 /// none of them, also for an executor that parked meanwhile: a `recv` of the
