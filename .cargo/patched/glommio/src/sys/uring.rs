@@ -216,6 +216,9 @@ const MSG_RING_POSTED: u64 = u64::MAX - 1;
 /// Whether this kernel has `IORING_OP_MSG_RING` (asked once per process).
 fn msg_ring_supported() -> bool {
     static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: liburing's probe calls, as `check_supported_operations` makes
+    // them: the probe is checked for null, read only while allocated and
+    // freed once.
     *SUPPORTED.get_or_init(|| unsafe {
         let probe = uring_sys::io_uring_get_probe();
         if probe.is_null() {
