@@ -210,6 +210,30 @@ fn timers_wake_a_parked_executor() {
 /// Writes `rounds` bytes to an executor that echoes them over `outside`,
 /// letting it park before every `park_every`-th; each echo must come back,
 /// the same byte (`stuck`: what it means when one never does).
+/// `socket` as a glommio stream of the running executor.
+fn glommio_unix(socket: std::os::unix::net::UnixStream) -> glommio::net::UnixStream {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+
+    // SAFETY: the descriptor came out of a `UnixStream` it was the only
+    // owner of.
+    unsafe { glommio::net::UnixStream::from_raw_fd(socket.into_raw_fd()) }
+}
+
+/// Sends back every byte `socket` receives, until its peer closes it.
+async fn echo_each_byte(socket: std::os::unix::net::UnixStream) -> Result<(), String> {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+    let mut stream = glommio_unix(socket);
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte).await {
+            Ok(1) => stream.write_all(&byte).await.map_err(|e| e.to_string())?,
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 fn echo_rounds(mut outside: std::os::unix::net::UnixStream, rounds: u32, seed: u64, park_every: u32, stuck: &str) {
     use std::io::{Read, Write};
 
@@ -238,27 +262,9 @@ fn echo_rounds(mut outside: std::os::unix::net::UnixStream, rounds: u32, seed: u
 /// leave it asleep for good: it has no timer and no other io).
 #[test]
 fn socket_bytes_wake_a_parked_executor() {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-
-    use futures_lite::{AsyncReadExt, AsyncWriteExt};
-
     const ROUNDS: u32 = 5_000;
     let (outside, inside) = std::os::unix::net::UnixStream::pair().expect("socket pair");
-    let worker = thread::spawn(move || {
-        executor(None)?.run(async move {
-            // SAFETY: the descriptor came out of a `UnixStream` it was the
-            // only owner of.
-            let mut stream = unsafe { glommio::net::UnixStream::from_raw_fd(inside.into_raw_fd()) };
-            let mut byte = [0u8; 1];
-            loop {
-                match stream.read(&mut byte).await {
-                    Ok(1) => stream.write_all(&byte).await.map_err(|e| e.to_string())?,
-                    Ok(_) => return Ok(()),
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        })
-    });
+    let worker = thread::spawn(move || executor(None)?.run(echo_each_byte(inside)));
     echo_rounds(
         outside,
         ROUNDS,
@@ -274,10 +280,6 @@ fn socket_bytes_wake_a_parked_executor() {
 /// comes during a spin, as the window grows or shrinks, or in a sleep.
 #[test]
 fn socket_bytes_wake_an_adaptively_spinning_executor() {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-
-    use futures_lite::{AsyncReadExt, AsyncWriteExt};
-
     const ROUNDS: u32 = 5_000;
     let (outside, inside) = std::os::unix::net::UnixStream::pair().expect("socket pair");
     let worker = thread::spawn(move || {
@@ -286,19 +288,7 @@ fn socket_bytes_wake_an_adaptively_spinning_executor() {
             .adaptive_spin(Duration::from_micros(50))
             .make()
             .map_err(|e| e.to_string())?
-            .run(async move {
-                // SAFETY: the descriptor came out of a `UnixStream` it was
-                // the only owner of.
-                let mut stream = unsafe { glommio::net::UnixStream::from_raw_fd(inside.into_raw_fd()) };
-                let mut byte = [0u8; 1];
-                loop {
-                    match stream.read(&mut byte).await {
-                        Ok(1) => stream.write_all(&byte).await.map_err(|e| e.to_string())?,
-                        Ok(_) => return Ok::<(), String>(()),
-                        Err(e) => return Err(e.to_string()),
-                    }
-                }
-            })
+            .run(echo_each_byte(inside))
     });
     echo_rounds(
         outside,
@@ -321,7 +311,6 @@ fn socket_bytes_wake_an_adaptively_spinning_executor() {
 /// exist afterwards.
 #[test]
 fn throughput_preemption_needs_no_io_worker() {
-    use std::os::fd::{FromRawFd, IntoRawFd};
     use std::time::Instant;
 
     use futures_lite::AsyncReadExt;
@@ -358,9 +347,7 @@ fn throughput_preemption_needs_no_io_worker() {
                     .into_iter()
                     .map(|socket| {
                         glommio::spawn_local(async move {
-                            // SAFETY: the descriptor came out of a
-                            // `UnixStream` it was the only owner of.
-                            let mut stream = unsafe { glommio::net::UnixStream::from_raw_fd(socket.into_raw_fd()) };
+                            let mut stream = glommio_unix(socket);
                             let mut byte = [0u8; 1];
                             stream.read(&mut byte).await.map_err(|e| e.to_string())
                         })

@@ -1104,14 +1104,7 @@ pub(super) fn drain_send_queue() {
     // Cleared before popping: a message pushed after the last pop schedules
     // another drain.
     state.shared.drain_scheduled[state.index].store(false, Ordering::Release);
-    let mut drain = Drain {
-        state: &state,
-        touched: Vec::new(),
-        last: None,
-        dropped: BTreeMap::new(),
-        any_forgotten: !state.forgotten.borrow().is_empty(),
-        freed: false,
-    };
+    let mut drain = Drain::new(&state);
     let urgent = &state.shared.urgent_queues[state.index];
     let bulk = &state.shared.send_queues[state.index];
     // A sender refused by a full queue looks again once it is half empty.
@@ -1158,14 +1151,7 @@ pub(super) fn drain_send_queue() {
 /// Moves everything queued for this shard into sessions, without a budget
 /// (the node is stopping).
 fn drain_all(state: &Rc<ShardState>) {
-    let mut drain = Drain {
-        state,
-        touched: Vec::new(),
-        last: None,
-        dropped: BTreeMap::new(),
-        any_forgotten: !state.forgotten.borrow().is_empty(),
-        freed: false,
-    };
+    let mut drain = Drain::new(state);
     for queue in [
         &state.shared.urgent_queues[state.index],
         &state.shared.send_queues[state.index],
@@ -1211,7 +1197,18 @@ struct Drain<'a> {
     freed: bool,
 }
 
-impl Drain<'_> {
+impl<'a> Drain<'a> {
+    fn new(state: &'a Rc<ShardState>) -> Self {
+        Self {
+            state,
+            touched: Vec::new(),
+            last: None,
+            dropped: BTreeMap::new(),
+            any_forgotten: !state.forgotten.borrow().is_empty(),
+            freed: false,
+        }
+    }
+
     /// Hands one message to its endpoint's session (or holds it there).
     fn take(&mut self, outgoing: super::Outgoing) {
         let state = self.state;
