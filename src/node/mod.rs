@@ -724,6 +724,8 @@ struct Shared {
     /// How many looks `recv_timeout` takes before sleeping (see
     /// [`RECV_SPINS`]); written only when it changes.
     recv_spins: AtomicU32,
+    /// Sleeps since `recv_spins` reached nought (see [`RECV_PROBE`]).
+    recv_quiet: AtomicU32,
     send_queues: Vec<ArrayQueue<Outgoing>>,
     /// Per shard: urgent messages from other threads, drained first.
     urgent_queues: Vec<ArrayQueue<Outgoing>>,
@@ -1353,21 +1355,31 @@ pub struct Node {
 
 /// At most this many looks at the receive queues before `recv_timeout`
 /// sleeps, [`RECV_PAUSES`] apart (a few µs in all). Adaptive: each sleep
-/// the looks did not avoid takes one off (down to one), a look that finds a
-/// message restores them all. Messages from another core (a same-process
-/// sender, a busy shard) come within the spin; a shard beside the reader on
-/// its core cannot deliver while the reader spins, and a reply over a
-/// socket takes tens of µs: spinning then only delays the shard.
+/// the looks did not avoid takes one off (down to none, see
+/// [`RECV_PROBE`]), a look that finds a message restores them all.
+/// Messages from another core (a same-process sender, a busy shard) come
+/// within the spin; a shard beside the reader on its core cannot deliver
+/// while the reader spins, and a reply over a socket takes tens of µs:
+/// spinning then only delays the shard.
 const RECV_SPINS: u32 = 7;
+
+/// With no looks left, every this many sleeps still takes one, so that a
+/// reader whose messages start coming from another core finds out. A
+/// reader beside its shard took a look of [`RECV_PAUSES`] before each of
+/// its sleeps (one per read of the shard's, on a stream): ~4 % of that
+/// core at unix 16 KiB (perf/README.md item 40).
+const RECV_PROBE: u32 = 8;
 
 /// The looks the next `recv_timeout` takes, after one that took `budget`
 /// and found a message in them or not.
 fn adapt_recv_spins(budget: u32, found: bool) -> u32 {
-    if found {
-        RECV_SPINS
-    } else {
-        budget.saturating_sub(1).max(1)
-    }
+    if found { RECV_SPINS } else { budget.saturating_sub(1) }
+}
+
+/// The looks a reader with no budget left takes before its sleep after
+/// `quiet` such sleeps.
+fn probe_looks(quiet: u32) -> u32 {
+    u32::from(quiet % RECV_PROBE == RECV_PROBE - 1)
 }
 
 /// The longest spin before parking a config may ask for
@@ -1424,6 +1436,7 @@ impl Node {
             handler: Arc::new(std::sync::OnceLock::new()),
             app_blocked: [AtomicBool::new(false), AtomicBool::new(false)],
             recv_spins: AtomicU32::new(RECV_SPINS),
+            recv_quiet: AtomicU32::new(0),
             send_queues,
             urgent_queues,
             drain_scheduled: (0..shards_len).map(|_| AtomicBool::new(false)).collect(),
@@ -1810,7 +1823,8 @@ impl Node {
             // usually a moment away, and a sleeping reader costs the
             // delivering thread a wake-up (see RECV_SPINS).
             let budget = shared.recv_spins.load(Ordering::Relaxed);
-            for _ in 0..budget {
+            let quiet = (budget == 0).then(|| shared.recv_quiet.load(Ordering::Relaxed));
+            for _ in 0..quiet.map_or(budget, probe_looks) {
                 for _ in 0..RECV_PAUSES {
                     std::hint::spin_loop();
                 }
@@ -1822,6 +1836,13 @@ impl Node {
             let adapted = adapt_recv_spins(budget, taken.is_some());
             if adapted != budget {
                 shared.recv_spins.store(adapted, Ordering::Relaxed);
+            }
+            // Racy between readers, as the budget is: a count of quiet
+            // sleeps, not a lock.
+            match quiet {
+                Some(_) if adapted > 0 => shared.recv_quiet.store(0, Ordering::Relaxed),
+                Some(quiet) => shared.recv_quiet.store(quiet.wrapping_add(1), Ordering::Relaxed),
+                None => {}
             }
         }
         if taken.is_none() && shared.inbox.expects_mem() {
@@ -2018,12 +2039,22 @@ mod tests {
     #[test]
     fn recv_spins_shrink_on_sleeps_and_come_back_on_a_find() {
         let mut budget = RECV_SPINS;
-        for expected in (1..RECV_SPINS).rev() {
+        for expected in (0..RECV_SPINS).rev() {
             budget = adapt_recv_spins(budget, false);
             assert_eq!(budget, expected);
         }
-        assert_eq!(adapt_recv_spins(budget, false), 1, "always one look");
-        assert_eq!(adapt_recv_spins(1, true), RECV_SPINS);
+        assert_eq!(adapt_recv_spins(budget, false), 0);
+        assert_eq!(adapt_recv_spins(0, true), RECV_SPINS);
+    }
+
+    /// With no budget, one sleep in `RECV_PROBE` still takes a look.
+    #[test]
+    fn a_quiet_reader_still_looks_now_and_then() {
+        let looks: Vec<u32> = (0..3 * RECV_PROBE).map(probe_looks).collect();
+        assert_eq!(looks.iter().sum::<u32>(), 3);
+        for (quiet, &look) in looks.iter().enumerate() {
+            assert_eq!(look == 1, quiet as u32 % RECV_PROBE == RECV_PROBE - 1);
+        }
     }
 
     /// An idle reader stops spinning; a same-process message still arrives.
@@ -2034,7 +2065,7 @@ mod tests {
         for _ in 0..RECV_SPINS {
             assert!(b.recv_timeout(Duration::from_millis(1)).is_none());
         }
-        assert_eq!(b.shared.recv_spins.load(Ordering::Relaxed), 1);
+        assert_eq!(b.shared.recv_spins.load(Ordering::Relaxed), 0);
         a.add_route("spin-b", b.listen_addresses()[0].clone()).unwrap();
         a.send("spin-b", 1, Bytes::from_static(b"ping")).unwrap();
         let got = b.recv_timeout(Duration::from_secs(5)).expect("the message");
