@@ -128,9 +128,7 @@ fn write_framed(
 }
 
 fn read_framed(socket: impl Read, payload: usize, messages: u64, hashed: bool) -> Instant {
-    // Reads as large as the bus's stream reads (src/node/conn.rs,
-    // `STREAM_READ`).
-    let mut input = BufReader::with_capacity(512 * 1024, socket);
+    let mut input = BufReader::with_capacity(256 * 1024, socket);
     let mut buf = vec![0u8; payload + 4];
     let mut len = [0u8; 4];
     for _ in 0..messages {

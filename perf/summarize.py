@@ -124,7 +124,7 @@ def main(path, commit, date):
     out.append(f"Machine: {machine()}.  ")
     out.append("Each cell: min / **median** / max over the runs. Raw baseline: `atbus-baseline`")
     out.append("(perf/baseline.rs: bare blocking sockets, two pinned threads, 4-byte length")
-    out.append("prefixes, writes as large as the bus's (64 KiB tcp, 256 KiB unix), 512 KiB reads;")
+    out.append("prefixes, writes as large as the bus's (64 KiB tcp, 256 KiB unix), 256 KiB reads;")
     out.append("the 'physical limit'); *in-run*: the same")
     out.append("baseline measured by `atbus bench` right after the bus case, same message count;")
     out.append("*raw + frame hash* (tcp, unix): that in-run baseline with each message's frame hash")

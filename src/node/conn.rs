@@ -537,21 +537,10 @@ const DATAGRAM_BYTES_PER_READ: usize = 256 * 1024;
 /// queue.
 const DATAGRAM_BYTES_PER_YIELD: usize = 64 * 1024;
 
-/// The most one read of a stream link takes. A Unix socket holds up to
-/// twice the sender's 256 KiB `SO_SNDBUF` (`Link::size_send_buffer`): with
-/// reads of 256 KiB, a receiver behind its sender read (and woke an
-/// application thread beside it) twice as often as it had to (unix 16 KiB:
-/// ~0.2 µs less per message on the receiving core, perf/README.md item 41).
-/// A fresh zeroed vector is untouched memory (no RSS) until a read copies
-/// into it; reads go into the decoder's buffer when they can.
-const STREAM_READ: usize = 512 * 1024;
-
 /// Reads frames from a link: stream links through the streaming decoder,
 /// datagram links one frame per datagram.
 struct FrameReader {
     decoder: Decoder,
-    /// Scratch for reads that cannot go into the decoder's buffer; its
-    /// length is also the most one read takes ([`STREAM_READ`] on a stream).
     buf: Vec<u8>,
     datagram: bool,
     config: frame::Config,
@@ -569,7 +558,7 @@ impl FrameReader {
     fn new(config: &frame::Config, datagram: bool) -> Self {
         Self {
             decoder: Decoder::new(config.clone()),
-            buf: vec![0u8; if datagram { 65_536 } else { STREAM_READ }],
+            buf: vec![0u8; if datagram { 65_536 } else { 256 * 1024 }],
             datagram,
             config: config.clone(),
             pending: VecDeque::new(),
