@@ -1838,11 +1838,11 @@ impl Node {
                 shared.recv_spins.store(adapted, Ordering::Relaxed);
             }
             // Racy between readers, as the budget is: a count of quiet
-            // sleeps, not a lock.
-            match quiet {
-                Some(_) if adapted > 0 => shared.recv_quiet.store(0, Ordering::Relaxed),
-                Some(quiet) => shared.recv_quiet.store(quiet.wrapping_add(1), Ordering::Relaxed),
-                None => {}
+            // sleeps, not a lock (it only spaces the probes out).
+            if let Some(quiet) = quiet
+                && adapted == 0
+            {
+                shared.recv_quiet.store(quiet.wrapping_add(1), Ordering::Relaxed);
             }
         }
         if taken.is_none() && shared.inbox.expects_mem() {
