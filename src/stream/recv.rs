@@ -141,7 +141,19 @@ impl RecvStream {
 
     /// Stores the fragments of one packet starting at `offset`. Data ending
     /// beyond `limit` (the receive window) is dropped, to be resent later.
-    pub(crate) fn insert(&mut self, offset: u64, fragments: Vec<Fragment>, fin: bool, limit: u64) -> Received {
+    /// A whole message arriving in order with nothing held before it goes
+    /// straight to `deliver` (the in-order case: a stream link's packets of
+    /// small messages); the rest waits for [`RecvStream::next_message`],
+    /// which the caller drains afterwards: messages leave in offset order
+    /// either way.
+    pub(crate) fn insert(
+        &mut self,
+        offset: u64,
+        fragments: Vec<Fragment>,
+        fin: bool,
+        limit: u64,
+        deliver: &mut impl FnMut(Bytes),
+    ) -> Received {
         let mut received = Received::default();
         let mut position = offset;
         for fragment in fragments {
@@ -163,6 +175,16 @@ impl RecvStream {
             }
             self.max_received = self.max_received.max(end);
             let has_more = fragment.has_more();
+            if !has_more && start == self.deliver_offset && start == self.contiguous && self.above.is_empty() {
+                // A whole message with nothing held below it (`ready` and
+                // `ready_ends` lie in `[deliver_offset, contiguous)`) or
+                // above it.
+                self.deliver_offset = end;
+                self.contiguous = end;
+                received.accepted += len as usize;
+                deliver(fragment.data);
+                continue;
+            }
             received.accepted += self.fill(start, fragment.data);
             if !has_more {
                 self.add_end(end);
@@ -324,13 +346,92 @@ mod tests {
         Fragment::data(Bytes::copy_from_slice(data), has_more)
     }
 
-    fn drain(r: &mut RecvStream) -> Vec<Bytes> {
+    /// A stream whose in-order deliveries wait in `out`, ahead of what
+    /// [`RecvStream::next_message`] gives.
+    #[derive(Default)]
+    struct Rx {
+        r: RecvStream,
+        out: VecDeque<Bytes>,
+    }
+
+    impl Rx {
+        fn insert(&mut self, offset: u64, fragments: Vec<Fragment>, fin: bool, limit: u64) -> Received {
+            self.r
+                .insert(offset, fragments, fin, limit, &mut |m| self.out.push_back(m))
+        }
+
+        fn next_message(&mut self) -> Option<Bytes> {
+            self.out.pop_front().or_else(|| self.r.next_message())
+        }
+    }
+
+    impl std::ops::Deref for Rx {
+        type Target = RecvStream;
+        fn deref(&self) -> &RecvStream {
+            &self.r
+        }
+    }
+
+    impl std::ops::DerefMut for Rx {
+        fn deref_mut(&mut self) -> &mut RecvStream {
+            &mut self.r
+        }
+    }
+
+    fn drain(r: &mut Rx) -> Vec<Bytes> {
         std::iter::from_fn(|| r.next_message()).collect()
+    }
+
+    /// `messages` cut into fragments (a message splits where `cuts` says)
+    /// and the fragments into packets of `per_packet`: (offset, fragments).
+    fn packets(messages: &[Vec<u8>], cuts: &[usize], per_packet: usize) -> Vec<(u64, Vec<Fragment>)> {
+        let mut fragments = Vec::new();
+        let mut offset = 0u64;
+        for (i, message) in messages.iter().enumerate() {
+            let cut = cuts[i % cuts.len()] % (message.len() + 1);
+            if cut > 0 && cut < message.len() {
+                fragments.push((offset, frag(&message[..cut], true)));
+                fragments.push((offset + cut as u64, frag(&message[cut..], false)));
+            } else {
+                fragments.push((offset, frag(message, false)));
+            }
+            offset += message.len() as u64;
+        }
+        fragments
+            .chunks(per_packet.max(1))
+            .map(|chunk| (chunk[0].0, chunk.iter().map(|(_, f)| f.clone()).collect()))
+            .collect()
+    }
+
+    proptest::proptest! {
+        /// Packets in order, then shuffled and repeated: every message once,
+        /// in order, whichever way (straight out or queued) each one took.
+        #[test]
+        fn messages_leave_once_and_in_order(
+            messages in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..20), 1..30),
+            cuts in proptest::collection::vec(0usize..40, 1..8),
+            per_packet in 1usize..6,
+            order in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..40),
+        ) {
+            let packets = packets(&messages, &cuts, per_packet);
+            // Some packets early and out of order (duplicates among them),
+            // then every packet in order.
+            let early = order.iter().map(|i| packets[i.index(packets.len())].clone());
+            let mut r = Rx::default();
+            let mut got = Vec::new();
+            for (offset, fragments) in early.chain(packets.iter().cloned()) {
+                r.insert(offset, fragments, false, u64::MAX);
+                got.extend(drain(&mut r));
+            }
+            let want: Vec<Bytes> = messages.iter().map(|m| Bytes::copy_from_slice(m)).collect();
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert_eq!(r.buffered(), 0);
+        }
     }
 
     #[test]
     fn containment_and_overlap_from_two_connections() {
-        let mut r = RecvStream::default();
+        let mut r = Rx::default();
         // Connection A cuts "hello world" as [0,4) [4,11).
         r.insert(4, vec![frag(b"o world", false)], false, u64::MAX);
         assert!(drain(&mut r).is_empty());
@@ -347,7 +448,7 @@ mod tests {
 
     #[test]
     fn duplicates_are_ignored_and_single_fragment_is_zero_copy() {
-        let mut r = RecvStream::default();
+        let mut r = Rx::default();
         let data = Bytes::from_static(b"abc");
         let f = Fragment::data(data.clone(), false);
         assert_eq!(r.insert(0, vec![f.clone()], false, u64::MAX).accepted, 3);
@@ -360,7 +461,7 @@ mod tests {
 
     #[test]
     fn window_drops_and_fin_completes() {
-        let mut r = RecvStream::default();
+        let mut r = Rx::default();
         let got = r.insert(0, vec![frag(b"0123456789", false)], false, 5);
         assert_eq!(got.dropped, 10);
         assert_eq!(r.ack_offset(), 0);
@@ -372,7 +473,7 @@ mod tests {
 
     #[test]
     fn a_filled_gap_joins_the_in_order_data() {
-        let mut r = RecvStream::default();
+        let mut r = Rx::default();
         r.insert(0, vec![frag(b"ab", false)], false, u64::MAX);
         // A gap [2, 4), then two messages above it.
         r.insert(4, vec![frag(b"ef", false), frag(b"gh", true)], false, u64::MAX);
@@ -393,7 +494,7 @@ mod tests {
 
     #[test]
     fn reset_skips_partial_data() {
-        let mut r = RecvStream::default();
+        let mut r = Rx::default();
         r.insert(0, vec![frag(b"abc", true)], false, u64::MAX);
         r.insert(10, vec![frag(b"xyz", false)], false, u64::MAX);
         r.reset_to(10);

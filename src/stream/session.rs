@@ -420,7 +420,17 @@ impl Session {
         let limit = recv_limit(recv, window);
         let fin = packet.has_flag(AtbusPacketFlagType::FinishStream);
         let contiguous = recv.ack_offset();
-        recv.insert(offset, packet.fragments, fin, limit);
+        let events = if self.peer_urgent.contains(&stream_id) {
+            &mut self.urgent_events
+        } else {
+            &mut self.events
+        };
+        let mut delivered = 0;
+        let mut deliver = |data: Bytes| {
+            delivered += data.len();
+            events.push_back(Event::Message { stream_id, data });
+        };
+        recv.insert(offset, packet.fragments, fin, limit, &mut deliver);
         match path.pending_acks.iter_mut().find(|(id, _)| *id == stream_id) {
             Some(entry) => entry.1 = packet.timepoint,
             None => path.pending_acks.push((stream_id, packet.timepoint)),
@@ -436,15 +446,8 @@ impl Session {
         let due = if at_once { now } else { now + self.config.ack_delay };
         let timer = &mut path.timers[Timer::Ack as usize];
         *timer = Some(timer.map_or(due, |t| t.min(due)));
-        let events = if self.peer_urgent.contains(&stream_id) {
-            &mut self.urgent_events
-        } else {
-            &mut self.events
-        };
-        let mut delivered = 0;
         while let Some(data) = recv.next_message() {
-            delivered += data.len();
-            events.push_back(Event::Message { stream_id, data });
+            deliver(data);
         }
         if delivered > 0 {
             *self.queued.entry(stream_id).or_default() += delivered;
