@@ -1,5 +1,7 @@
 //! Frame codec throughput: encode, streaming decode and datagram decode of one
-//! packet frame carrying 64 B, 548 B (the frame-sync class) and 16 KiB.
+//! packet frame carrying 64 B, 548 B (the frame-sync class) and 16 KiB; and
+//! the decoding of a stream packet's content holding a thousand 64 B
+//! fragments, by prost and by the stream layer's data path.
 //!
 //! Run: `cargo bench --bench codec`. Figures are recorded in `perf/codec.md`.
 
@@ -9,6 +11,8 @@ use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use libatbus::frame::{Config, Decoder, Encoder, decode_datagram};
 use libatbus::proto::{Body, FrameMessage, MessageHead, PacketData};
+use libatbus::stream::{Content, Fragment};
+use prost::Message;
 
 const SIZES: [usize; 3] = [64, 548, 16 * 1024];
 
@@ -63,5 +67,24 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec);
+/// What a 64 KiB tcp packet of 64 B messages carries: 1 000 fragments.
+fn content(c: &mut Criterion) {
+    let content = Content {
+        fragments: (0..1000)
+            .map(|i| Fragment::data(Bytes::from(vec![i as u8; 64]), false))
+            .collect(),
+    };
+    let bytes = Bytes::from(content.encode_to_vec());
+    let mut group = c.benchmark_group("content");
+    group.throughput(Throughput::Elements(content.fragments.len() as u64));
+    group.bench_with_input(BenchmarkId::new("prost", 64), &bytes, |b, bytes| {
+        b.iter(|| Content::decode(black_box(bytes.clone())).expect("decode"))
+    });
+    group.bench_with_input(BenchmarkId::new("decode_packet", 64), &bytes, |b, bytes| {
+        b.iter(|| Content::decode_packet(black_box(bytes.clone())).expect("decode"))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec, content);
 criterion_main!(benches);

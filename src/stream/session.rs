@@ -5,7 +5,6 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use prost::Message;
 
 use super::recv::RecvStream;
 use super::rtt::RttEstimator;
@@ -858,7 +857,7 @@ impl Packet {
     /// Builds from a received `packet_data`, decoding its content.
     pub fn from_data(data: PacketData) -> Result<Self, ProtocolError> {
         let offset = u64::try_from(data.stream_offset).map_err(|_| ProtocolError::NegativeOffset)?;
-        let content = Content::decode(data.content).map_err(ProtocolError::Content)?;
+        let content = Content::decode_packet(data.content).map_err(ProtocolError::Content)?;
         Ok(Self {
             stream_id: data.stream_id,
             offset,
