@@ -306,14 +306,9 @@ impl Content {
 /// the pair through memory took 22 instructions a call (callgrind).
 #[inline(always)]
 fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
-    match bytes.first() {
-        Some(&byte) if byte < 0x80 => Some((u64::from(byte), 1)),
-        _ => {
-            let mut rest = bytes;
-            let value = encoding::decode_varint(&mut rest).ok()?;
-            Some((value, bytes.len() - rest.len()))
-        }
-    }
+    let mut rest = bytes;
+    let value = encoding::decode_varint(&mut rest).ok()?;
+    Some((value, bytes.len() - rest.len()))
 }
 
 impl Message for Content {
