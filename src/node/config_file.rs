@@ -203,6 +203,7 @@ pub struct LimitsFile {
     pub stream_mtu: Option<usize>,
     pub write_batch: Option<usize>,
     pub tcp_write_batch: Option<usize>,
+    pub unix_zero_copy: Option<bool>,
 }
 
 /// `timeouts_ms:` — milliseconds.
@@ -343,6 +344,7 @@ impl NodeFile {
         set(&mut config.stream_mtu, l.stream_mtu);
         set(&mut config.write_batch, l.write_batch);
         set(&mut config.tcp_write_batch, l.tcp_write_batch);
+        set(&mut config.unix_zero_copy, l.unix_zero_copy);
         let t = self.timeouts_ms;
         millis(&mut config.connect_timeout, t.connect);
         millis(&mut config.reconnect_min, t.reconnect_min);
@@ -503,6 +505,7 @@ mod tests {
              adaptive_spin_us: 20\n\
              metadata: { namespace_name: game, labels: { zone: eu } }\n\
              limits: { recv_queue: 100, send_window: 65536, udp_mtu: 1200, udp_loopback_mtu: false,\n\
+                       unix_zero_copy: false,\n\
                        write_batch: 131072, tcp_write_batch: 98304 }\n\
              timeouts_ms: { connect: 300, idle: 9000 }\n\
              latency_path: false\n\
@@ -531,6 +534,8 @@ mod tests {
         assert_eq!(config.udp_mtu, 1200);
         assert!(!config.udp_loopback_mtu);
         assert!(NodeConfig::default().udp_loopback_mtu, "on by default");
+        assert!(!config.unix_zero_copy);
+        assert!(NodeConfig::default().unix_zero_copy, "on by default");
         assert_eq!((config.write_batch, config.tcp_write_batch), (131_072, 98_304));
         assert_eq!(config.connect_timeout, Duration::from_millis(300));
         assert_eq!(config.idle_timeout, Duration::from_secs(9));

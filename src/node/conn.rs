@@ -463,44 +463,6 @@ async fn write_all<L: Link>(link: &L, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes `parts` in order on a stream link, as few gathering writes as the
-/// socket takes.
-async fn write_all_gathered<L: Link>(link: &L, mut parts: Vec<Bytes>) -> io::Result<()> {
-    use bytes::Buf;
-    /// Slices per write (the kernel takes up to `IOV_MAX`, 1024).
-    const MAX_SLICES: usize = 256;
-    let mut first = 0;
-    while first < parts.len() {
-        let n = {
-            let slices: Vec<io::IoSlice<'_>> = parts[first..]
-                .iter()
-                .take(MAX_SLICES)
-                .map(|part| io::IoSlice::new(part))
-                .collect();
-            link.send_vectored(&slices).await?
-        };
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes"));
-        }
-        let mut left = n;
-        while left > 0 && first < parts.len() {
-            let part = &mut parts[first];
-            if left >= part.len() {
-                left -= part.len();
-                first += 1;
-            } else {
-                part.advance(left);
-                left = 0;
-            }
-        }
-        // Empty parts (none are made, but cheap to pass over).
-        while first < parts.len() && parts[first].is_empty() {
-            first += 1;
-        }
-    }
-    Ok(())
-}
-
 /// A datagram path's MTU: [`NodeConfig::udp_mtu`], or to a loopback peer
 /// the loopback route's (no hop can be narrower; perf/README.md item 29),
 /// within a frame this node accepts and the bytes a UDP path keeps in
@@ -754,6 +716,9 @@ async fn established<L: Link>(
         if let Err(e) = link.size_send_buffer(state.shared.config.write_batch) {
             // It still works, with writes stopping short more often.
             tracing::warn!(node = %state.shared.name, "{origin}: cannot size the send buffer: {e}");
+        }
+        if state.shared.config.unix_zero_copy {
+            link.allow_zero_copy();
         }
         TaskClass::Throughput
     };
@@ -1577,7 +1542,7 @@ async fn writer<L: Link>(
                 written
             }
             Work::Gathered(parts) => {
-                let written = write_all_gathered(&*link, parts).await;
+                let written = link.send_parts(parts).await;
                 if !latency {
                     runtime::yield_to_latency().await;
                 }

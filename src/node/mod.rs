@@ -94,6 +94,12 @@ pub struct NodeConfig {
     /// KiB as few as 256); under CUBIC the two read the same
     /// (perf/README.md item 33).
     pub tcp_write_batch: usize,
+    /// Unix stream connections to a peer running as the same user write
+    /// large payloads without copying them (`vmsplice` into a pipe, then
+    /// `splice` into the socket): the peer reads them from the sender's
+    /// pages, which stay held until it has (perf/README.md item 47: the
+    /// sending core's time per 16 KiB message about halved). On by default.
+    pub unix_zero_copy: bool,
     /// MTU of UDP paths (256 to [`UDP_MTU_MAX`]; 548 by default, the safe
     /// UDP payload on any route). See `udp_loopback_mtu` for loopback peers.
     pub udp_mtu: usize,
@@ -234,6 +240,7 @@ impl Default for NodeConfig {
             max_bad_frames: 8,
             write_batch: 256 * 1024,
             tcp_write_batch: 64 * 1024,
+            unix_zero_copy: true,
             udp_mtu: stream::PathConfig::UDP_MTU,
             udp_loopback_mtu: true,
             udp_window: 512 * 1024,

@@ -27,6 +27,7 @@ use glommio::net::{TcpListener, TcpStream, UdpSocket};
 use crate::address::Address;
 
 pub mod quic;
+mod splice;
 pub mod tunnel;
 pub use quic::{BridgeLink, QuicEndpoint, QuicLink};
 pub use tunnel::TunnelLink;
@@ -45,6 +46,17 @@ pub trait Link: 'static {
     /// link has one, else the first non-empty buffer alone).
     async fn send_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         send_first(self, bufs).await
+    }
+    /// Writes all of `parts`, in order (streams), in as few gathering writes
+    /// as the socket takes.
+    async fn send_parts(&self, parts: Vec<Bytes>) -> io::Result<()> {
+        send_all_gathered(self, parts).await
+    }
+    /// Lets [`Link::send_parts`] write without copying where the link can
+    /// (Unix sockets to a peer of the same user: see `splice.rs`); returns
+    /// whether it will.
+    fn allow_zero_copy(&self) -> bool {
+        false
     }
     /// Half-closes the sending side (streams); nothing for datagrams.
     async fn shutdown(&self);
@@ -145,6 +157,45 @@ async fn send_first<L: Link + ?Sized>(link: &L, bufs: &[io::IoSlice<'_>]) -> io:
         Some(first) => link.send(first).await,
         None => Ok(0),
     }
+}
+
+/// Writes all of `parts` in order on a stream link, as few gathering writes
+/// as the socket takes ([`Link::send_parts`] where the link has no way of
+/// its own).
+pub async fn send_all_gathered<L: Link + ?Sized>(link: &L, mut parts: Vec<Bytes>) -> io::Result<()> {
+    use bytes::Buf;
+    /// Slices per write (the kernel takes up to `IOV_MAX`, 1024).
+    const MAX_SLICES: usize = 256;
+    let mut first = 0;
+    while first < parts.len() {
+        let n = {
+            let slices: Vec<io::IoSlice<'_>> = parts[first..]
+                .iter()
+                .take(MAX_SLICES)
+                .map(|part| io::IoSlice::new(part))
+                .collect();
+            link.send_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes"));
+        }
+        let mut left = n;
+        while left > 0 && first < parts.len() {
+            let part = &mut parts[first];
+            if left >= part.len() {
+                left -= part.len();
+                first += 1;
+            } else {
+                part.advance(left);
+                left = 0;
+            }
+        }
+        // Empty parts (none are made, but cheap to pass over).
+        while first < parts.len() && parts[first].is_empty() {
+            first += 1;
+        }
+    }
+    Ok(())
 }
 
 /// A connection on its way to another shard: the socket itself (stream
@@ -298,19 +349,120 @@ fn dup_fd(fd: &impl AsFd) -> io::Result<OwnedFd> {
 /// to its latency ring, whose completions make `need_preempt` true, so the
 /// bulk tasks yield at their next `yield_if_needed` and the latency queue
 /// runs. The bytes themselves are then read with a non-blocking `recv`.
-pub struct StreamLink<S> {
+pub struct StreamLink<S: AsRawFd> {
     socket: RefCell<S>,
     probe: RefCell<Option<Rc<TcpStream>>>,
     peer: String,
+    zero_copy: RefCell<ZeroCopy>,
 }
 
-impl<S> StreamLink<S> {
+/// Whether a stream link writes large parts without copying (`splice.rs`).
+#[derive(Debug)]
+enum ZeroCopy {
+    Off,
+    /// Allowed; the pipe is made at the first write that uses it.
+    Allowed,
+    On(splice::Splicer),
+}
+
+impl<S: AsRawFd> StreamLink<S> {
     /// Wraps a connected socket.
     pub fn new(socket: S, peer: String) -> Self {
         Self {
             socket: RefCell::new(socket),
             probe: RefCell::new(None),
             peer,
+            zero_copy: RefCell::new(ZeroCopy::Off),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor lives as long as the link (the socket is
+        // never replaced).
+        unsafe { BorrowedFd::borrow_raw(self.socket.borrow().as_raw_fd()) }
+    }
+
+    /// Lets go of zero-copy parts the socket no longer holds (when no write
+    /// is looking after them right now).
+    fn release_written(&self) {
+        if let Ok(mut zero_copy) = self.zero_copy.try_borrow_mut()
+            && let ZeroCopy::On(splicer) = &mut *zero_copy
+        {
+            splicer.release(self.fd());
+        }
+    }
+}
+
+impl<S: StreamKind> StreamLink<S> {
+    /// [`Link::send_parts`] through the link's pipe; `Err(parts)` when the
+    /// link has none (the caller copies them).
+    async fn splice_parts(&self, parts: Vec<Bytes>) -> Result<io::Result<()>, Vec<Bytes>> {
+        {
+            let mut zero_copy = self.zero_copy.borrow_mut();
+            match &mut *zero_copy {
+                ZeroCopy::Allowed => match splice::Splicer::new() {
+                    Ok(splicer) => *zero_copy = ZeroCopy::On(splicer),
+                    Err(e) => {
+                        tracing::debug!(peer = %self.peer, "zero-copy writes off: {e}");
+                        *zero_copy = ZeroCopy::Off;
+                        return Err(parts);
+                    }
+                },
+                ZeroCopy::On(_) => {}
+                ZeroCopy::Off => return Err(parts),
+            }
+            if let ZeroCopy::On(splicer) = &mut *zero_copy {
+                splicer.queue(parts);
+            }
+        }
+        loop {
+            let progress = match &mut *self.zero_copy.borrow_mut() {
+                ZeroCopy::On(splicer) => splicer.advance(self.fd()),
+                // Only a handoff turns it off, and it refuses with parts in
+                // flight.
+                ZeroCopy::Off | ZeroCopy::Allowed => {
+                    Err(io::Error::other("zero-copy writes stopped in the middle of a write"))
+                }
+            };
+            match progress {
+                Ok(splice::Progress::Done) => {
+                    self.release_written();
+                    return Ok(Ok(()));
+                }
+                Ok(splice::Progress::Full) => {
+                    // Parts the peer has read meanwhile can go.
+                    self.release_written();
+                    if let Err(e) = std::future::poll_fn(|cx| self.socket.borrow_mut().poll_writable(cx)).await {
+                        return Ok(Err(e));
+                    }
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    }
+}
+
+impl<S: AsRawFd> Drop for StreamLink<S> {
+    fn drop(&mut self) {
+        let zero_copy = std::mem::replace(self.zero_copy.get_mut(), ZeroCopy::Off);
+        let splicer = match zero_copy {
+            ZeroCopy::On(mut splicer) => {
+                splicer.release(self.fd());
+                if splicer.is_idle() {
+                    return;
+                }
+                splicer
+            }
+            _ => return,
+        };
+        // The peer may still read pages of parts held: they must outlive
+        // the socket.
+        match dup_fd(&self.fd()) {
+            Ok(socket) => splice::linger(socket, splicer),
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, held = splicer.held_bytes(), "cannot keep a closing socket to free its zero-copy buffers ({e}): they are leaked");
+                std::mem::forget(splicer);
+            }
         }
     }
 }
@@ -374,11 +526,17 @@ fn route_mtu(peer: SocketAddr) -> io::Result<usize> {
 pub trait StreamKind: AsRawFd {
     /// Completes once the socket is probably readable, reading nothing.
     fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>>;
+    /// Completes once the socket is probably writable, writing nothing.
+    fn poll_writable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>>;
 }
 
 impl StreamKind for TcpStream {
     fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         TcpStream::poll_readable(self, cx)
+    }
+
+    fn poll_writable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        TcpStream::poll_writable(self, cx)
     }
 }
 
@@ -390,7 +548,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         let probe = self.probe.borrow().clone();
         let Some(probe) = probe else {
-            return std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_read(cx, buf)).await;
+            let n = std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_read(cx, buf)).await?;
+            if n > 0 {
+                self.release_written();
+            }
+            return Ok(n);
         };
         loop {
             // SAFETY: only `recv` writes into it.
@@ -420,9 +582,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
     }
 
     fn try_recv_uninit(&self, buf: &mut [MaybeUninit<u8>]) -> Option<io::Result<usize>> {
-        let socket = self.socket.borrow();
-        // SAFETY: the descriptor is valid while `socket` is borrowed.
-        recv_now(unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }, buf)
+        let read = recv_now(self.fd(), buf);
+        if let Some(Ok(1..)) = read {
+            // The peer's acknowledgements come in here: what it has read
+            // of the parts written without a copy can go.
+            self.release_written();
+        }
+        read
     }
 
     async fn send(&self, buf: &[u8]) -> io::Result<usize> {
@@ -480,6 +646,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
         socket2::SockRef::from(&fd).set_send_buffer_size(batch)
     }
 
+    async fn send_parts(&self, parts: Vec<Bytes>) -> io::Result<()> {
+        match self.splice_parts(parts).await {
+            Ok(written) => written,
+            Err(parts) => send_all_gathered(self, parts).await,
+        }
+    }
+
+    fn allow_zero_copy(&self) -> bool {
+        let mut zero_copy = self.zero_copy.borrow_mut();
+        if matches!(*zero_copy, ZeroCopy::Off) && self.peer.starts_with("unix:") && splice::peer_is_same_user(self.fd())
+        {
+            *zero_copy = ZeroCopy::Allowed;
+        }
+        !matches!(*zero_copy, ZeroCopy::Off)
+    }
+
     async fn shutdown(&self) {
         let _ = std::future::poll_fn(|cx| Pin::new(&mut *self.socket.borrow_mut()).poll_close(cx)).await;
     }
@@ -489,6 +671,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
     }
 
     fn handoff(&self) -> io::Result<Handoff> {
+        if let ZeroCopy::On(splicer) = &*self.zero_copy.borrow()
+            && !splicer.is_idle()
+        {
+            // Connections move before they carry data; parts written
+            // without a copy cannot move with them.
+            return Err(io::Error::other(
+                "a connection with zero-copy writes in flight cannot move",
+            ));
+        }
+        *self.zero_copy.borrow_mut() = ZeroCopy::Off;
         let socket = self.socket.borrow();
         // SAFETY: the descriptor is valid while `socket` is borrowed.
         let fd = dup_fd(&unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) })?;

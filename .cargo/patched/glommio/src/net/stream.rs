@@ -319,6 +319,28 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         Poll::Pending
     }
 
+    /// libatbus patch: completes once the socket is probably writable (the
+    /// readiness poll `poll_write` waits on), writing nothing: for writes
+    /// the bus makes itself (`splice` into a Unix socket).
+    pub(crate) fn poll_writable(&mut self, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        let reactor = self.reactor.upgrade().unwrap();
+        let reactor = reactor.as_ref();
+        if let Some(source) = self.source_tx.as_ref() {
+            if source.result().is_some() {
+                self.source_tx.take();
+                self.write_timeout.cancel_timer(reactor);
+                return Poll::Ready(Ok(()));
+            }
+        } else {
+            self.source_tx = Some(reactor.poll_write_ready(self.stream.as_raw_fd()));
+        }
+        poll_err!(self.write_timeout.check(reactor));
+        let source = self.source_tx.as_ref().unwrap();
+        source.add_waiter_single(cx.waker());
+        self.write_timeout.maybe_set_timer(reactor, cx.waker());
+        Poll::Pending
+    }
+
     pub(crate) fn poll_write(&mut self, cx: &Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         // On the write path, we always start with calling `yolo_send`, because
         // it is very likely to success. It could be a waste if it already timed
@@ -430,6 +452,11 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
     /// streams only: a buffered one may hold bytes already).
     pub(crate) fn poll_readable(&mut self, cx: &Context<'_>) -> Poll<io::Result<()>> {
         self.stream.poll_readable(cx)
+    }
+
+    /// libatbus patch: see `NonBufferedStream::poll_writable`.
+    pub(crate) fn poll_writable(&mut self, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        self.stream.poll_writable(cx)
     }
 
     /// Receives data on the socket from the remote address to which it is

@@ -425,6 +425,12 @@ impl UnixStream<NonBuffered> {
     pub fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.stream.poll_readable(cx)
     }
+
+    /// libatbus patch: completes once the socket is probably writable
+    /// (glommio's readiness poll), writing nothing.
+    pub fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream.poll_writable(cx)
+    }
 }
 
 impl<B: RxBuf + Unpin> AsyncRead for UnixStream<B> {
