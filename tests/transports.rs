@@ -152,41 +152,70 @@ fn receive_in_order(from: &Node, to: &Node, count: u64) {
 }
 
 /// Unix links place large payloads in each write where their sources sit
-/// in a cache line (`fragment_type.padding`, `PacketFrame::aligned`):
-/// payloads of 4 KiB to 40 KiB whose bytes start at every offset in a line,
-/// sent while the socket fills up, all arrive intact and in order.
+/// in a cache line (`fragment_type.padding`, `PacketFrame::aligned`) and,
+/// with `unix_zero_copy` (the default), write them without a copy
+/// (`transport/splice.rs`): payloads of 4 KiB to 40 KiB whose bytes start
+/// at every offset in a line, sent while the socket fills up, all arrive
+/// intact and in order, with zero-copy writes on and off; the connection's
+/// counters show which way the bytes went.
 #[test]
 fn unix_large_payloads_from_any_alignment_arrive_intact() {
-    let dir = std::env::temp_dir().join(format!("atbus-unix-align-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let a = Arc::new(node("align-a", &format!("unix://{}", dir.join("a.sock").display()), 0));
-    let b = Arc::new(node("align-b", &format!("unix://{}", dir.join("b.sock").display()), 1));
-    a.add_route(b.name(), b.listen_addresses()[0].clone()).expect("route");
-    wait_connected(&b, a.name());
-    const LARGE: u64 = 3_000;
-    let sending = {
-        let (a, to) = (a.clone(), b.name().to_string());
-        thread::spawn(move || {
-            let mut rng = SmallRng::seed_from_u64(27);
-            for seq in 0..LARGE {
-                let len = rng.random_range(4096..=40_000);
-                // The message's bytes start `skew` bytes into a cache line.
-                let skew = (seq % 64) as usize;
-                let mut backing = vec![0u8; len + 128];
-                let start = (64 - backing.as_ptr() as usize % 64 + skew) % 64;
-                backing[start..start + len].copy_from_slice(&payload(seq, len));
-                let data = Bytes::from(backing).slice(start..start + len);
-                assert_eq!(data.as_ptr() as usize % 64, skew);
-                a.send_blocking(&to, 1, data, Duration::from_secs(60))
-                    .unwrap_or_else(|e| panic!("send {seq}: {e}"));
-            }
-        })
-    };
-    receive_in_order(&a, &b, LARGE);
-    sending.join().expect("the sender finished");
-    a.stop(Duration::from_millis(100));
-    b.stop(Duration::from_millis(100));
-    let _ = std::fs::remove_dir_all(dir);
+    for zero_copy in [true, false] {
+        let dir = std::env::temp_dir().join(format!("atbus-unix-align-{}-{zero_copy}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let unix_node = |name: &str, core: usize| {
+            let listen = format!("unix://{}", dir.join(format!("{name}.sock")).display());
+            let mut config = NodeConfig::new(&format!("{name}-{zero_copy}"), &[listen.as_str()]).expect("config");
+            config.runtime.first_core = core;
+            config.unix_zero_copy = zero_copy;
+            Arc::new(Node::start(config).expect("node starts"))
+        };
+        let a = unix_node("align-a", 0);
+        let b = unix_node("align-b", 1);
+        a.add_route(b.name(), b.listen_addresses()[0].clone()).expect("route");
+        wait_connected(&b, a.name());
+        const LARGE: u64 = 3_000;
+        let sending = {
+            let (a, to) = (a.clone(), b.name().to_string());
+            thread::spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(27);
+                let mut total = 0;
+                for seq in 0..LARGE {
+                    let len = rng.random_range(4096..=40_000);
+                    total += len as u64;
+                    // The message's bytes start `skew` bytes into a cache line.
+                    let skew = (seq % 64) as usize;
+                    let mut backing = vec![0u8; len + 128];
+                    let start = (64 - backing.as_ptr() as usize % 64 + skew) % 64;
+                    backing[start..start + len].copy_from_slice(&payload(seq, len));
+                    let data = Bytes::from(backing).slice(start..start + len);
+                    assert_eq!(data.as_ptr() as usize % 64, skew);
+                    a.send_blocking(&to, 1, data, Duration::from_secs(60))
+                        .unwrap_or_else(|e| panic!("send {seq}: {e}"));
+                }
+                total
+            })
+        };
+        receive_in_order(&a, &b, LARGE);
+        let total = sending.join().expect("the sender finished");
+        let sent = sent_totals(&a, |sent| sent.bytes >= total);
+        println!(
+            "unix_zero_copy {zero_copy}: {} of {} bytes written without a copy ({total} payload bytes)",
+            sent.zero_copy, sent.bytes
+        );
+        if zero_copy {
+            assert!(
+                sent.zero_copy >= total / 2 && sent.zero_copy <= sent.bytes,
+                "{} bytes without a copy of {total} payload bytes",
+                sent.zero_copy
+            );
+        } else {
+            assert_eq!(sent.zero_copy, 0);
+        }
+        a.stop(Duration::from_millis(100));
+        b.stop(Duration::from_millis(100));
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 #[test]
@@ -221,23 +250,47 @@ fn udp_small_datagrams_two_shards() {
     exchange_between(a, b, 4096);
 }
 
+/// What a node's connections wrote, summed.
+struct SentTotals {
+    frames: u64,
+    bytes: u64,
+    zero_copy: u64,
+}
+
+/// What `node` wrote on its connections, once the once-a-second sample
+/// shows `enough`.
+fn sent_totals(node: &Node, enough: impl Fn(&SentTotals) -> bool) -> SentTotals {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut sent = SentTotals {
+            frames: 0,
+            bytes: 0,
+            zero_copy: 0,
+        };
+        for c in node.stats_report().map(|r| r.connections).unwrap_or_default() {
+            sent.frames += c.totals.tx_frames;
+            sent.bytes += c.totals.tx_bytes;
+            sent.zero_copy += c.totals.tx_zero_copy_bytes;
+        }
+        if enough(&sent) {
+            return sent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {} frames, {} bytes sampled",
+            node.name(),
+            sent.frames,
+            sent.bytes
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Bytes per frame `node` wrote on its connections, once the once-a-second
 /// sample has seen `frames` of them.
 fn bytes_per_frame(node: &Node, frames: u64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (bytes, sent) = node.stats_report().map_or((0, 0), |report| {
-            report
-                .connections
-                .iter()
-                .fold((0, 0), |(b, f), c| (b + c.totals.tx_bytes, f + c.totals.tx_frames))
-        });
-        if sent >= frames {
-            return bytes as f64 / sent as f64;
-        }
-        assert!(Instant::now() < deadline, "{}: {sent} frames sampled", node.name());
-        thread::sleep(Duration::from_millis(50));
-    }
+    let sent = sent_totals(node, |sent| sent.frames >= frames);
+    sent.bytes as f64 / sent.frames as f64
 }
 
 /// UDP paths to a loopback peer take the loopback route's MTU: 2 000

@@ -1543,10 +1543,15 @@ async fn writer<L: Link>(
             }
             Work::Gathered(parts) => {
                 let written = link.send_parts(parts).await;
+                if let Ok(zero_copy @ 1..) = written
+                    && let Some(path) = endpoint.state.borrow_mut().paths.get_mut(&path_id)
+                {
+                    path.counts.tx_zero_copy_bytes += zero_copy;
+                }
                 if !latency {
                     runtime::yield_to_latency().await;
                 }
-                written
+                written.map(|_| ())
             }
             Work::Datagrams(datagrams) => {
                 let mut result = Ok(());

@@ -115,6 +115,11 @@ pub fn encode_text(node: &str, shards: &[ShardMetrics], stats: &NodeStats, conne
         let counters = [
             ("connection_sent_bytes", "Bytes written on the connection", t.tx_bytes),
             (
+                "connection_sent_zero_copy_bytes",
+                "Of connection_sent_bytes, bytes the socket took without a copy",
+                t.tx_zero_copy_bytes,
+            ),
+            (
                 "connection_received_bytes",
                 "Bytes read from the connection",
                 t.rx_bytes,
@@ -299,6 +304,9 @@ pub struct ConnCounts {
     pub tx_frames: u64,
     /// Their bytes on the wire.
     pub tx_bytes: u64,
+    /// Of those, bytes the socket took without a copy (large payloads on a
+    /// Unix socket: `NodeConfig::unix_zero_copy`).
+    pub tx_zero_copy_bytes: u64,
     /// Frames read.
     pub rx_frames: u64,
     /// Bytes read.
@@ -318,6 +326,7 @@ impl ConnCounts {
         Self {
             tx_frames: self.tx_frames.saturating_sub(old.tx_frames),
             tx_bytes: self.tx_bytes.saturating_sub(old.tx_bytes),
+            tx_zero_copy_bytes: self.tx_zero_copy_bytes.saturating_sub(old.tx_zero_copy_bytes),
             rx_frames: self.rx_frames.saturating_sub(old.rx_frames),
             rx_bytes: self.rx_bytes.saturating_sub(old.rx_bytes),
             rtt: self.rtt.minus(&old.rtt),
@@ -331,6 +340,7 @@ impl ConnCounts {
         Self {
             tx_frames: self.tx_frames + other.tx_frames,
             tx_bytes: self.tx_bytes + other.tx_bytes,
+            tx_zero_copy_bytes: self.tx_zero_copy_bytes + other.tx_zero_copy_bytes,
             rx_frames: self.rx_frames + other.rx_frames,
             rx_bytes: self.rx_bytes + other.rx_bytes,
             rtt: self.rtt.plus(&other.rtt),

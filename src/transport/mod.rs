@@ -48,9 +48,10 @@ pub trait Link: 'static {
         send_first(self, bufs).await
     }
     /// Writes all of `parts`, in order (streams), in as few gathering writes
-    /// as the socket takes.
-    async fn send_parts(&self, parts: Vec<Bytes>) -> io::Result<()> {
-        send_all_gathered(self, parts).await
+    /// as the socket takes; returns how many of their bytes went without a
+    /// copy (see [`Link::allow_zero_copy`]).
+    async fn send_parts(&self, parts: Vec<Bytes>) -> io::Result<u64> {
+        send_all_gathered(self, parts).await.map(|()| 0)
     }
     /// Lets [`Link::send_parts`] write without copying where the link can
     /// (Unix sockets to a peer of the same user: see `splice.rs`); returns
@@ -394,9 +395,10 @@ impl<S: AsRawFd> StreamLink<S> {
 }
 
 impl<S: StreamKind> StreamLink<S> {
-    /// [`Link::send_parts`] through the link's pipe; `Err(parts)` when the
-    /// link has none (the caller copies them).
-    async fn splice_parts(&self, parts: Vec<Bytes>) -> Result<io::Result<()>, Vec<Bytes>> {
+    /// [`Link::send_parts`] through the link's pipe (the bytes written);
+    /// `Err(parts)` when the link has none (the caller copies them).
+    async fn splice_parts(&self, parts: Vec<Bytes>) -> Result<io::Result<u64>, Vec<Bytes>> {
+        let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
         {
             let mut zero_copy = self.zero_copy.borrow_mut();
             match &mut *zero_copy {
@@ -427,7 +429,7 @@ impl<S: StreamKind> StreamLink<S> {
             match progress {
                 Ok(splice::Progress::Done) => {
                     self.release_written();
-                    return Ok(Ok(()));
+                    return Ok(Ok(bytes));
                 }
                 Ok(splice::Progress::Full) => {
                     // Parts the peer has read meanwhile can go.
@@ -598,12 +600,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
     /// A non-blocking `sendmsg` of all of `bufs`; when the socket is full,
     /// glommio's write of the first buffer, which waits for room.
     async fn send_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let now = {
-            let socket = self.socket.borrow();
-            // SAFETY: the descriptor is valid while `socket` is borrowed.
-            let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
-            socket2::SockRef::from(&fd).send_vectored_with_flags(bufs, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-        };
+        let now =
+            socket2::SockRef::from(&self.fd()).send_vectored_with_flags(bufs, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
         match now {
             Err(e) if not_now(&e) => {}
             done => return done,
@@ -612,9 +610,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
     }
 
     fn set_latency(&self) -> io::Result<()> {
-        let socket = self.socket.borrow();
-        // SAFETY: the descriptor is valid while `socket` is borrowed.
-        let fd = dup_fd(&unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) })?;
+        let fd = dup_fd(&self.fd())?;
         // SAFETY: a fresh duplicate, owned by the probe from here on.
         let probe = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
         *self.probe.borrow_mut() = Some(Rc::new(probe));
@@ -640,16 +636,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
         if !self.peer.starts_with("unix:") {
             return Ok(());
         }
-        let socket = self.socket.borrow();
-        // SAFETY: the descriptor is valid while `socket` is borrowed.
-        let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
-        socket2::SockRef::from(&fd).set_send_buffer_size(batch)
+        socket2::SockRef::from(&self.fd()).set_send_buffer_size(batch)
     }
 
-    async fn send_parts(&self, parts: Vec<Bytes>) -> io::Result<()> {
+    async fn send_parts(&self, parts: Vec<Bytes>) -> io::Result<u64> {
         match self.splice_parts(parts).await {
             Ok(written) => written,
-            Err(parts) => send_all_gathered(self, parts).await,
+            Err(parts) => send_all_gathered(self, parts).await.map(|()| 0),
         }
     }
 
@@ -681,9 +674,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + StreamKind + 'static> Link for StreamLi
             ));
         }
         *self.zero_copy.borrow_mut() = ZeroCopy::Off;
-        let socket = self.socket.borrow();
-        // SAFETY: the descriptor is valid while `socket` is borrowed.
-        let fd = dup_fd(&unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) })?;
+        let fd = dup_fd(&self.fd())?;
         Ok(if self.peer.starts_with("unix:") {
             Handoff::Unix(fd, self.peer.clone())
         } else {
