@@ -122,7 +122,15 @@ impl Timers {
     /// Return the duration until next event and the number of
     /// ready and woke timers.
     fn process_timers(&mut self) -> (Option<Duration>, usize) {
+        // libatbus-rs patch (PATCHES.md, 10): no clock read without
+        // timers, and no split of the map when none is due.
+        let Some(&(first, _)) = self.timers.keys().next() else {
+            return (None, 0);
+        };
         let now = Instant::now();
+        if first >= now {
+            return (Some(first.saturating_duration_since(now)), 0);
+        }
 
         // Split timers into ready and pending timers.
         let pending = self.timers.split_off(&(now, 0));

@@ -898,6 +898,12 @@ impl UringCommon for PollRing {
     }
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
+        // libatbus-rs patch (PATCHES.md, 10): an empty queue, the usual
+        // case (every poll of the rings looks at each ring's two queues),
+        // reads no clock.
+        if queue.is_empty() {
+            return Some(false);
+        }
         let source_map = &mut *self.source_map.borrow_mut();
         let now = Instant::now();
 
@@ -1313,6 +1319,12 @@ impl UringCommon for SleepableRing {
     }
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
+        // libatbus-rs patch (PATCHES.md, 10): an empty queue, the usual
+        // case (every poll of the rings looks at each ring's two queues),
+        // reads no clock.
+        if queue.is_empty() {
+            return Some(false);
+        }
         let source_map = &mut *self.source_map.borrow_mut();
         let now = Instant::now();
 
